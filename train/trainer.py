@@ -1,0 +1,318 @@
+"""The training loop: one member, from a batch source, with exact resume after kill -9.
+
+The loop is deliberately plain (nanoGPT-style). What varies between uses is the `BatchSource`:
+real tokens for a member (`EpochBatches`), a real/synthetic mixture for a student (distill/).
+A batch is a pure function of the step number, which is what makes resume exact: a restarted run
+loads weights and AdamW moments from the last checkpoint and asks for the same batches again.
+
+Nothing is pickled: weights and optimizer moments are safetensors, the rest is JSON.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+from transformers import LlamaForCausalLM
+
+from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
+from train.model import flops_per_token, get_shape, llama_config
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str
+    preset: str = "cpu-s"
+    tokens: int = 200_000  # the budget D: exactly this many training tokens, seen `epochs` times
+    epochs: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 0.8
+    seed: int = 0
+    batch_size: int = 32
+    context: int = 128
+    warmup_frac: float = 0.01
+    grad_clip: float = 1.0
+    eval_every: int = 0  # steps between validation passes; 0 = only at the end
+    checkpoint_every: int = 50
+    log_every: int = 10
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    extra: dict = field(default_factory=dict)  # recorded with the run (e.g. a distillation's mixture), not interpreted
+
+    def identity(self) -> dict:
+        """What makes two runs the same run (logging knobs excluded)."""
+        d = asdict(self)
+        for k in ("eval_every", "checkpoint_every", "log_every", "threads"):
+            d.pop(k)
+        d["data_dir"] = str(Path(self.data_dir).resolve())
+        return d
+
+
+class BatchSource(Protocol):
+    steps: int
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) for `step`: the same arrays every time it is asked."""
+        ...
+
+
+class EpochBatches:
+    """`epochs` passes over fixed windows, reshuffled each epoch from (seed, epoch)."""
+
+    def __init__(self, inputs: np.ndarray, targets: np.ndarray, batch_size: int, epochs: int, seed: int):
+        self.inputs, self.targets = inputs, targets
+        self.batch_size, self.seed = batch_size, seed
+        self.steps_per_epoch = -(-len(inputs) // batch_size)
+        self.steps = self.steps_per_epoch * epochs
+
+    def order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.inputs))
+
+    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        idx = self.order(epoch)[i * self.batch_size : (i + 1) * self.batch_size]
+        return self.inputs[idx], self.targets[idx]
+
+
+def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
+    """Linear warmup over `warmup_frac` of the steps (at least one), then cosine decay to 0."""
+    warmup = max(1, round(warmup_frac * total))
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """Decay 2-D weights (the output head included); not norms, biases or the input embedding.
+
+    PyTorch's AdamW multiplies weight decay by the learning rate: the paper's convention."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=False)
+
+
+def token_loss(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over non-ignored targets, and their count."""
+    logits = model(input_ids=inputs).logits
+    loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((targets != IGNORE_INDEX).sum())
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, inputs: np.ndarray, targets: np.ndarray, batch_size: int = 32) -> float:
+    """Mean next-token loss (nats/token) over the given windows."""
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(inputs), batch_size):
+        x = torch.from_numpy(inputs[i : i + batch_size]).to(device)
+        y = torch.from_numpy(targets[i : i + batch_size]).to(device)
+        with _autocast(device):
+            loss, n = token_loss(model, x, y)
+        total, count = total + float(loss), count + n
+    model.train()
+    return total / count
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+# ---- checkpoints -------------------------------------------------------------------------------
+
+def _save_checkpoint(run_dir: Path, model, optimizer, step: int) -> None:
+    """Write ckpt-<step>/ in full, then point checkpoint.json at it (atomic), then drop older ones."""
+    ckpt = run_dir / f"ckpt-{step:07d}"
+    tmp = run_dir / f".ckpt-{step:07d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    names = {id(p): n for n, p in model.named_parameters()}
+    moments = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state[p].items():
+                moments[f"{names[id(p)]}::{key}"] = value.detach().reshape(value.shape).contiguous()
+    save_file(moments, tmp / "optimizer.safetensors")
+    os.replace(tmp, ckpt)
+    pointer = run_dir / "checkpoint.json"
+    pointer_tmp = run_dir / "checkpoint.json.tmp"
+    pointer_tmp.write_text(json.dumps({"step": step, "dir": ckpt.name}))
+    os.replace(pointer_tmp, pointer)
+    for old in run_dir.glob("ckpt-*"):
+        if old != ckpt:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _load_checkpoint(run_dir: Path, model, optimizer) -> int:
+    pointer = run_dir / "checkpoint.json"
+    if not pointer.exists():
+        return 0
+    info = json.loads(pointer.read_text())
+    ckpt = run_dir / info["dir"]
+    try:
+        model.load_state_dict(load_file(ckpt / "model.safetensors"))
+        moments = load_file(ckpt / "optimizer.safetensors")
+    except Exception as e:
+        raise DataError(f"checkpoint {ckpt} is corrupt ({e}); delete {pointer} to restart the run") from e
+    params = dict(model.named_parameters())
+    for key, value in moments.items():
+        name, slot = key.split("::")
+        optimizer.state[params[name]][slot] = value
+    log.info("resumed %s from step %d", run_dir, info["step"])
+    return int(info["step"])
+
+
+def _trim_metrics(path: Path, last_step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from: they will be written again."""
+    if not path.exists():
+        return
+    lines = [l for l in path.read_text().splitlines() if l.strip()]
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line).get("step", 0) <= last_step:
+                kept.append(line)
+        except json.JSONDecodeError:
+            break  # a line cut by the kill
+    path.write_text("".join(l + "\n" for l in kept))
+
+
+def claim_run_dir(run_dir: Path, identity: dict) -> None:
+    """Record the run's identity, or check that an existing run dir belongs to the same run."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = run_dir / "run.json"
+    if record.exists():
+        existing = json.loads(record.read_text())
+        if existing != identity:
+            diff = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+            raise DataError(f"{run_dir} belongs to another run configuration (differs in: {', '.join(diff)})")
+        return
+    tmp = record.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
+    os.replace(tmp, record)
+
+
+# ---- the loop ----------------------------------------------------------------------------------
+
+def train_loop(cfg: TrainConfig, run_dir: str | Path, batches: BatchSource, val: tuple[np.ndarray, np.ndarray],
+               progress: bool = True, peak_flops: float | None = None) -> dict:
+    """Train from `batches`, evaluate on `val`; save the model as a HF directory in run_dir/model.
+
+    Returns the result record (also written to run_dir/result.json, last, when everything is saved).
+    """
+    run_dir = Path(run_dir)
+    result_path = run_dir / "result.json"
+    claim_run_dir(run_dir, cfg.identity())
+    if result_path.exists():
+        log.info("%s is already complete; reusing it", run_dir)
+        return json.loads(result_path.read_text())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    manifest = read_manifest(cfg.data_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = llama_config(get_shape(cfg.preset), manifest["vocab_size"], cfg.context,
+                          manifest["bos_token_id"], manifest["eos_token_id"], manifest["pad_token_id"])
+    torch.manual_seed(cfg.seed)  # the seed sets the initialisation; EpochBatches uses it for data order
+    model = LlamaForCausalLM(config).to(device)
+    model.train()
+    optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
+    metrics_path = run_dir / "metrics.jsonl"
+    start = _load_checkpoint(run_dir, model, optimizer)
+    _trim_metrics(metrics_path, start)
+
+    flops_tok = flops_per_token(config, cfg.context)
+    total = batches.steps
+    bar = tqdm(total=total, initial=start, desc=run_dir.name, unit="step", disable=not progress, leave=False)
+    t_window, tok_window, loss_window = time.perf_counter(), 0, []
+    with open(metrics_path, "a") as metrics:
+        def emit(record):
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+
+        for step in range(start, total):
+            lr = lr_at(step, total, cfg.lr, cfg.warmup_frac)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            x, y = (torch.from_numpy(a).to(device) for a in batches.batch(step))
+            with _autocast(device):
+                loss_sum, n = token_loss(model, x, y)
+            loss = loss_sum / n
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            loss_window.append(float(loss))
+            tok_window += x.numel()
+            done = step + 1
+            if done % cfg.log_every == 0 or done == total:
+                dt = time.perf_counter() - t_window
+                tps = tok_window / dt
+                record = {"step": done, "epoch": done / max(1, getattr(batches, "steps_per_epoch", total)),
+                          "lr": lr, "train_loss": float(np.mean(loss_window)), "tokens_per_s": tps}
+                if peak_flops:
+                    record["mfu"] = tps * flops_tok / peak_flops
+                emit(record)
+                bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
+                t_window, tok_window, loss_window = time.perf_counter(), 0, []
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+                emit({"step": done, "val_loss": evaluate(model, *val)})
+            if done % cfg.checkpoint_every == 0 and done < total:
+                _save_checkpoint(run_dir, model, optimizer, done)
+            bar.update(1)
+        bar.close()
+        val_loss = evaluate(model, *val)
+        emit({"step": total, "val_loss": val_loss})
+
+    final = run_dir / "model"
+    tmp = run_dir / ".model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    shutil.copytree(Path(cfg.data_dir) / "tokenizer", tmp, dirs_exist_ok=True)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    result = {"val_loss": val_loss, "steps": total, "model_dir": str(final.resolve()),
+              "non_embedding_params": get_shape(cfg.preset).non_embedding_params(),
+              "tokenizer_sha256": manifest["tokenizer_sha256"], "config": cfg.identity()}
+    (final / "chorus_run.json").write_text(json.dumps(result, indent=1))
+    tmp_result = result_path.with_suffix(".json.tmp")
+    tmp_result.write_text(json.dumps(result, indent=1))
+    os.replace(tmp_result, result_path)
+    for old in run_dir.glob("ckpt-*"):
+        shutil.rmtree(old, ignore_errors=True)
+    (run_dir / "checkpoint.json").unlink(missing_ok=True)
+    log.info("%s: val loss %.4f after %d steps", run_dir.name, val_loss, total)
+    return result
+
+
+def validation_windows(data_dir: str | Path, context: int) -> tuple[np.ndarray, np.ndarray]:
+    return windows(load_tokens(data_dir, "val"), context)
+
+
+def train_member(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, peak_flops: float | None = None) -> dict:
+    """Train one member on exactly `cfg.tokens` training tokens for `cfg.epochs` epochs."""
+    if cfg.tokens < 2:
+        raise DataError(f"token budget must be at least 2 (got {cfg.tokens})")
+    if cfg.epochs < 1:
+        raise DataError(f"epochs must be >= 1 (got {cfg.epochs})")
+    stream = load_tokens(cfg.data_dir, "train", cfg.tokens)
+    inputs, targets = windows(stream, cfg.context)
+    batches = EpochBatches(inputs, targets, cfg.batch_size, cfg.epochs, cfg.seed)
+    return train_loop(cfg, run_dir, batches, validation_windows(cfg.data_dir, cfg.context), progress, peak_flops)
