@@ -1,0 +1,147 @@
+"""Pack K member directories into one ensemble directory that vLLM, transformers and lm-eval can open.
+
+Layout of an ensemble directory (a Hugging Face model directory):
+    config.json        the members' Llama config, "architectures": ["ChorusEnsembleForCausalLM"] and
+                       "chorus_ensemble": {"members": K, "combine": "logits"|"probs", "member_sha256": [...]}
+    model.safetensors  member i's weights under the prefix "m{i}." (m0, m1, ...: vLLM's CPU runner wants
+                       exactly one integer per layer name, the layer index, so "members.0" would not do)
+    tokenizer files    copied from the first member (all members must share the tokenizer)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from train.data import sha256_file, tokenizer_hash
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURE = "ChorusEnsembleForCausalLM"
+COMBINE_RULES = ("logits", "probs")
+WEIGHTS = "model.safetensors"
+# Config keys that record how a member was saved, not what it computes.
+_PROVENANCE_KEYS = ("transformers_version", "_name_or_path", "architectures")
+# Files of a member directory that are not carried into the ensemble as they are.
+_MEMBER_ONLY_FILES = ("config.json", WEIGHTS, "chorus_run.json")
+
+
+class PackError(ValueError):
+    """Members that cannot form one ensemble, or a directory that is not a model."""
+
+
+def member_prefix(i: int) -> str:
+    return f"m{i}."
+
+
+def weights_sha256(model_dir: str | Path) -> str:
+    """Content hash of a model directory's weights (every *.safetensors file, by name and bytes)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise PackError(f"{model_dir} holds no *.safetensors weights")
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.exists():
+        raise PackError(f"{model_dir} is not a model directory: {path} is missing")
+    return json.loads(path.read_text())
+
+
+def ensemble_info(model_dir: str | Path) -> dict:
+    """The "chorus_ensemble" block of a packed directory; a plain member reads as K=1, combine "logits"."""
+    config = read_config(model_dir)
+    return config.get("chorus_ensemble", {"members": 1, "combine": "logits", "member_sha256": []})
+
+
+def ensemble_members(model_dir: str | Path) -> int:
+    return int(ensemble_info(model_dir)["members"])
+
+
+def _weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    path = model_dir / WEIGHTS
+    if not path.exists():
+        raise PackError(f"{model_dir} has no {WEIGHTS}")
+    with safe_open(path, framework="pt") as f:
+        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+
+
+def check_members(member_dirs: list[Path]) -> None:
+    """Refuse members that differ in architecture, config, weight shapes or tokenizer, naming the difference."""
+    first = member_dirs[0]
+    config0 = read_config(first)
+    if config0.get("model_type") != "llama" or "chorus_ensemble" in config0:
+        raise PackError(f"{first} is not a Llama member (model_type {config0.get('model_type')!r}); "
+                        "pack member directories, not ensembles")
+    shapes0 = _weight_shapes(first)
+    tok0 = tokenizer_hash(first)
+    for other in member_dirs[1:]:
+        config = read_config(other)
+        keys = sorted(k for k in set(config0) | set(config) if k not in _PROVENANCE_KEYS
+                      and config0.get(k) != config.get(k))
+        if keys:
+            diffs = ", ".join(f"{k}: {config0.get(k)!r} vs {config.get(k)!r}" for k in keys)
+            raise PackError(f"members {first} and {other} differ in architecture ({diffs})")
+        if config.get("architectures") != config0.get("architectures"):
+            raise PackError(f"members {first} and {other} differ in architecture "
+                            f"({config0.get('architectures')} vs {config.get('architectures')})")
+        shapes = _weight_shapes(other)
+        if shapes != shapes0:
+            names = sorted(n for n in set(shapes) | set(shapes0) if shapes.get(n) != shapes0.get(n))
+            raise PackError(f"members {first} and {other} differ in weight shapes: "
+                            + ", ".join(f"{n} {shapes0.get(n)} vs {shapes.get(n)}" for n in names[:5]))
+        if tokenizer_hash(other) != tok0:
+            raise PackError(f"members {first} and {other} have different tokenizers (tokenizer.json sha256 differs)")
+
+
+def pack_ensemble(member_dirs: list[str | Path], out_dir: str | Path, combine: str = "logits") -> Path:
+    """Write the ensemble of `member_dirs` (in that order) to `out_dir`; return its path.
+
+    An existing `out_dir` holding the same pack is reused; anything else there is refused.
+    """
+    if combine not in COMBINE_RULES:
+        raise PackError(f"unknown combine rule {combine!r}; choose one of {', '.join(COMBINE_RULES)}")
+    member_dirs = [Path(d) for d in member_dirs]
+    if not member_dirs:
+        raise PackError("no members given: pack needs at least one member directory")
+    for d in member_dirs:
+        if not d.is_dir():
+            raise PackError(f"member {d} is not a directory")
+    check_members(member_dirs)
+    member_sha = [weights_sha256(d) for d in member_dirs]
+    block = {"members": len(member_dirs), "combine": combine, "member_sha256": member_sha}
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        if (out_dir / "config.json").exists() and read_config(out_dir).get("chorus_ensemble") == block:
+            log.info("%s already holds this ensemble; reusing it", out_dir)
+            return out_dir
+        raise PackError(f"{out_dir} already exists and holds something else; delete it or choose another --out")
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in member_dirs[0].iterdir():
+        if f.is_file() and f.name not in _MEMBER_ONLY_FILES:
+            shutil.copy2(f, tmp / f.name)
+    weights = {}
+    for i, d in enumerate(member_dirs):
+        weights.update({member_prefix(i) + name: t for name, t in load_file(d / WEIGHTS).items()})
+    save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
+    config = read_config(member_dirs[0])
+    config["architectures"] = [ARCHITECTURE]
+    config["chorus_ensemble"] = block
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    os.replace(tmp, out_dir)  # the directory appears whole or not at all
+    log.info("packed %d members (%s combine) into %s", len(member_dirs), combine, out_dir)
+    return out_dir
