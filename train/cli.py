@@ -67,7 +67,7 @@ def cmd_members(args) -> None:
 
 
 def cmd_search(args) -> None:
-    from train.search import SearchSpace, coordinate_descent
+    from train.search import SearchSpace, coordinate_descent, runs_table
 
     get_shape(args.preset)
     space = SearchSpace.standard() if args.standard else SearchSpace.default()
@@ -80,7 +80,11 @@ def cmd_search(args) -> None:
     base = train_config_from_args(args, args.seed)
     outcome = coordinate_descent(base, space, args.out, start=(args.epochs, args.lr, args.wd),
                                  address=args.address, parallel=args.parallel, max_rounds=args.max_rounds)
-    print(json.dumps(outcome, indent=1))
+    print(runs_table(outcome))
+    opt = outcome["optimum"]
+    status = "certified" if outcome["certified"] else "NOT certified"
+    print(f"optimum ({status}): epochs {opt['epochs']}, lr {opt['lr']:g}, wd {opt['wd']:g} "
+          f"(standard recipe: 0.1), val loss {opt['val_loss']:.4f}; full record in {args.out}/result.json")
 
 
 def build_parser() -> argparse.ArgumentParser:

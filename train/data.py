@@ -62,7 +62,7 @@ def _doc_hash(doc: str) -> str:
 def _inputs_key(spec: DatasetSpec) -> dict:
     files = corpus_files(list(spec.corpus))
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return {"spec": asdict(spec), "files": stats}
+    return json.loads(json.dumps({"spec": asdict(spec), "files": stats}))  # as it reads back from the manifest
 
 
 def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path):

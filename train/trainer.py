@@ -259,7 +259,7 @@ def train_loop(cfg: TrainConfig, run_dir: str | Path, batches: BatchSource, val:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            loss_window.append(float(loss))
+            loss_window.append(loss.item())
             tok_window += x.numel()
             done = step + 1
             if done % cfg.log_every == 0 or done == total:
