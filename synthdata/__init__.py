@@ -1,0 +1,1 @@
+"""synthdata/: mass generation of unconditional synthetic tokens from a teacher (see synthdata/job.py)."""

@@ -1,0 +1,99 @@
+"""Reading token shards for training: a synthetic data directory (this stage) or a train/ dataset's split.
+
+Both are Parquet files of one sequence per row (`tokens`, list<int32>, BOS first) listed with their sha256
+in a manifest; `TokenShards` streams the rows in manifest order, checking each file's bytes before use.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from synthdata.job import JobError, read_manifest
+from train.data import DataError, sha256_file
+from train.data import read_manifest as read_dataset_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    sha256: str
+    rows: int
+    tokens: int
+
+
+@dataclass(frozen=True)
+class TokenShards:
+    root: Path
+    kind: str  # "synthetic" or "real"
+    files: tuple[ShardFile, ...]
+    tokenizer_sha256: str
+    vocab_size: int
+    manifest_sha256: str  # identity of the data: the manifest file's hash
+    teacher_sha256: str | None = None
+    teacher_members: int | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(f.tokens for f in self.files)
+
+    @property
+    def sequences_count(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    @classmethod
+    def open(cls, root: str | Path, split: str = "train", require_complete: bool = True) -> "TokenShards":
+        """A synthetic data directory, or the `split` of a train/ dataset directory."""
+        root = Path(root)
+        path = root / "manifest.json"
+        if not path.exists():
+            raise DataError(f"{root} holds no token shards: {path} is missing")
+        manifest_sha = sha256_file(path)
+        try:
+            manifest = read_manifest(root)
+        except JobError:
+            manifest = None
+        if manifest is not None:
+            job = manifest["job"]
+            files = tuple(ShardFile(root / s["file"], s["sha256"], s["rows"], s["tokens"]) for s in manifest["shards"])
+            done = sum(f.tokens for f in files)
+            if not files:
+                raise DataError(f"synthetic data directory {root} holds no shards yet")
+            if require_complete and done != job["tokens"]:
+                raise DataError(f"synthetic data in {root} is incomplete ({done:,} of {job['tokens']:,} tokens); "
+                                "re-run its `python -m synthdata generate` command to finish it")
+            return cls(root, "synthetic", files, job["tokenizer_sha256"], job["vocab_size"], manifest_sha,
+                       job["teacher_sha256"], job["teacher_members"])
+        dataset = read_dataset_manifest(root)  # raises a clear DataError for anything else
+        files = tuple(ShardFile(root / s["file"], s["sha256"], s["rows"], s["tokens"])
+                      for s in dataset["splits"][split]["shards"])
+        return cls(root, "real", files, dataset["tokenizer_sha256"], dataset["vocab_size"], manifest_sha)
+
+    def sequences(self, verify: bool = True) -> Iterator[np.ndarray]:
+        """Every row's tokens (int32), shard by shard, streamed one record batch at a time."""
+        for f in self.files:
+            if verify and (not f.path.exists() or sha256_file(f.path) != f.sha256):
+                raise DataError(f"token shard {f.path} is missing or corrupt (sha256 differs from the manifest)")
+            for batch in pq.ParquetFile(f.path).iter_batches(columns=["tokens"]):
+                column = batch.column("tokens")
+                offsets = column.offsets.to_numpy()
+                values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
+                for a, b in zip(offsets[:-1], offsets[1:]):
+                    yield values[a:b]
+
+    def stream(self, max_tokens: int | None = None) -> np.ndarray:
+        """The rows concatenated into one token stream (what `train.data.windows` cuts), optionally truncated."""
+        parts, total = [], 0
+        for seq in self.sequences():
+            parts.append(seq)
+            total += len(seq)
+            if max_tokens is not None and total >= max_tokens:
+                break
+        stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        return stream[:max_tokens] if max_tokens is not None else stream
