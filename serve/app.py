@@ -1,0 +1,152 @@
+"""The endpoint: a Ray Serve application around vLLM's AsyncLLM and vLLM's own OpenAI server app.
+
+Nothing here speaks the protocol by hand. Each replica starts one AsyncLLM on the ensemble directory and
+builds vLLM's FastAPI app over it (the same routes, validation, errors, streaming and API-key middleware
+as `python -m vllm.entrypoints.openai.api_server`): /v1/models, /v1/completions, /v1/chat/completions,
+/health, ... Ray Serve routes HTTP to the replicas; `EnsembleConfig` is the whole configuration.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from serve.pack import PackError, read_config
+
+log = logging.getLogger(__name__)
+
+APP_NAME = "chorus-ensemble"
+# Base models have no chat template of their own: a plain transcript that ends where the assistant speaks.
+PLAIN_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] }}\n\n"
+    "{% elif message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}Assistant: {{ message['content'] }}\n{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    model_dir: str
+    served_model_name: str | None = None  # default: the directory's name
+    replicas: int = 1
+    api_key: str | None = None  # Bearer key required on every route but /health
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_model_len: int | None = None  # default: the members' context
+    kv_cache_bytes: int = 1 << 30  # per replica; the CPU build needs it explicitly
+    max_num_seqs: int = 64
+    enforce_eager: bool = True  # CPU: skip torch.compile, start in seconds instead of minutes
+    cpus_per_replica: float = 1.0  # what Ray reserves; the engine's own processes do the work
+    seed: int = 0
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model_dir).name
+
+    def check(self) -> None:
+        read_config(self.model_dir)  # a clear error for a directory that is not a model
+        if self.replicas < 1:
+            raise PackError(f"replicas must be >= 1 (got {self.replicas})")
+        if not 0 < self.port < 65536:
+            raise PackError(f"port must be in 1..65535 (got {self.port})")
+
+    def vllm_cli_args(self) -> list[str]:
+        """The configuration as `vllm serve` arguments: parsed by vLLM's own parser into its own Namespace."""
+        argv = ["--model", str(Path(self.model_dir).resolve()), "--served-model-name", self.model_name,
+                "--dtype", "float32", "--kv-cache-memory-bytes", str(self.kv_cache_bytes),
+                "--max-num-seqs", str(self.max_num_seqs), "--seed", str(self.seed),
+                "--chat-template", PLAIN_CHAT_TEMPLATE, "--distributed-executor-backend", "mp"]
+        if self.max_model_len:
+            argv += ["--max-model-len", str(self.max_model_len)]
+        if self.enforce_eager:
+            argv.append("--enforce-eager")
+        if self.api_key:
+            argv += ["--api-key", self.api_key]
+        return argv
+
+
+class EnsembleServer:
+    """One replica: an AsyncLLM on the ensemble and vLLM's OpenAI app over it."""
+
+    async def __init__(self, config: EnsembleConfig):
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.app import build_app as build_vllm_app
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(config.vllm_cli_args())
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        self.engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
+        tasks = await self.engine.get_supported_tasks()
+        self.openai_app = build_vllm_app(args, tasks, self.engine.model_config)
+        await init_app_state(self.engine, self.openai_app.state, args, tasks)
+
+    def __serve_build_asgi_app__(self):
+        return self.openai_app
+
+    def __del__(self):
+        if hasattr(self, "engine"):
+            self.engine.shutdown()
+
+
+def build_app(config: EnsembleConfig):
+    """The Ray Serve application serving `config.model_dir` (bind it with `serve.run`)."""
+    from ray import serve
+
+    config.check()
+    deployment = serve.deployment(
+        serve.ingress()(EnsembleServer),
+        name="EnsembleServer",
+        num_replicas=config.replicas,
+        max_ongoing_requests=4 * config.max_num_seqs,
+        ray_actor_options={"num_cpus": config.cpus_per_replica},
+        health_check_period_s=10,
+        health_check_timeout_s=60,
+    )
+    return deployment.bind(config)
+
+
+def wait_healthy(url: str, timeout_s: float = 600.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s:.0f} s")
+
+
+def start_app(config: EnsembleConfig, address: str | None = None) -> str:
+    """Start Ray (local unless `address`), Serve and the app; return the base URL once it answers."""
+    import ray
+    from ray import serve
+
+    config.check()
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": config.host, "port": config.port})
+    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+    url = f"http://{config.host}:{config.port}"
+    wait_healthy(url)
+    log.info("serving %s as %r at %s/v1", config.model_dir, config.model_name, url)
+    return url
+
+
+def stop_app() -> None:
+    """Tear down Serve (replicas and their engines) and the Ray this process started."""
+    import ray
+    from ray import serve
+
+    if ray.is_initialized():
+        serve.shutdown()
+        ray.shutdown()
