@@ -19,6 +19,7 @@ from serve.pack import PackError, read_config
 log = logging.getLogger(__name__)
 
 APP_NAME = "chorus-ensemble"
+_started_ray = False  # whether start_app started the Ray it runs on (stop_app then stops it too)
 # Base models have no chat template of their own: a plain transcript that ends where the assistant speaks.
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -131,9 +132,11 @@ def start_app(config: EnsembleConfig, address: str | None = None) -> str:
     import ray
     from ray import serve
 
+    global _started_ray
     config.check()
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        _started_ray = True
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
     url = f"http://{config.host}:{config.port}"
@@ -143,10 +146,13 @@ def start_app(config: EnsembleConfig, address: str | None = None) -> str:
 
 
 def stop_app() -> None:
-    """Tear down Serve (replicas and their engines) and the Ray this process started."""
+    """Tear down Serve (replicas and their engines), and Ray if `start_app` started it."""
     import ray
     from ray import serve
 
+    global _started_ray
     if ray.is_initialized():
         serve.shutdown()
-        ray.shutdown()
+        if _started_ray:
+            ray.shutdown()
+            _started_ray = False

@@ -1,0 +1,75 @@
+"""Command line for serve/: `python -m serve {pack,up} --help`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from serve.pack import COMBINE_RULES, PackError, pack_ensemble
+
+
+def cmd_pack(args) -> None:
+    out = pack_ensemble(args.members, args.out, combine=args.combine)
+    print(out)
+
+
+def cmd_up(args) -> None:
+    from serve.app import EnsembleConfig, start_app, stop_app
+
+    config = EnsembleConfig(model_dir=args.model, served_model_name=args.name, replicas=args.replicas,
+                            api_key=args.api_key, host=args.host, port=args.port, max_model_len=args.max_model_len,
+                            kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
+                            enforce_eager=not args.compile)
+    url = start_app(config, address=args.address)
+    print(f"serving {config.model_name!r} at {url}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_app()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m serve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", help="pack K member directories into one ensemble directory",
+                       description="Members must share architecture, weight shapes and tokenizer. The result is a "
+                                   "Hugging Face model directory that vLLM (with this package installed) serves as one model.")
+    p.add_argument("--members", nargs="+", required=True, help="member model directories (e.g. runs/members/seed-0/model)")
+    p.add_argument("--out", required=True, help="ensemble directory to write")
+    p.add_argument("--combine", choices=COMBINE_RULES, default="logits",
+                   help="logits: softmax of the mean logits (the paper's ensemble, default); probs: mean of probabilities")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("up", help="serve an ensemble (or member) directory as an OpenAI-compatible endpoint on Ray Serve",
+                       description="Starts Ray (local unless --address), Ray Serve and N replicas, each one vLLM engine; "
+                                   "blocks until Ctrl-C.")
+    p.add_argument("--model", required=True, help="ensemble directory from `pack`, or a plain member directory")
+    p.add_argument("--name", help="served model name (default: the directory's name)")
+    p.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per replica in GiB (default 1)")
+    p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched at once per replica (default 64)")
+    p.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model (slow start; default eager)")
+    p.set_defaults(func=cmd_up)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        args.func(args)
+    except PackError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
