@@ -1,0 +1,1 @@
+"""distill/: student pre-training on a real + synthetic token mixture (see distill/student.py)."""

@@ -1,0 +1,48 @@
+"""Command line for distill/: `python -m distill --help`."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from distill.student import RECIPES, DistillConfig, DistillError, distill
+from train.cli import add_train_args, train_config_from_args
+from train.data import DataError
+from train.model import ShapeError, get_shape
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m distill",
+        description="Pre-train a student on real tokens (--data-dir, --tokens, --epochs) mixed with a teacher's "
+                    "synthetic tokens (--synthetic, made by `python -m synthdata generate`): each row of each batch "
+                    "is synthetic with probability w, and total steps = real steps per epoch x epochs / (1 - w). "
+                    "Resumable: re-run the same command after a kill. The student lands in OUT/model.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    add_train_args(parser)
+    parser.add_argument("--synthetic", required=True, help="synthetic data directory (synthdata's output)")
+    parser.add_argument("--recipe", choices=list(RECIPES), default="ensemble",
+                        help="ensemble: teacher is a K>=2 ensemble; self: teacher is one member of the student's "
+                             "size; synthetic-only: the collapse ablation (default ensemble)")
+    parser.add_argument("--w", type=float,
+                        help="synthetic weight in [0, 1) (default: " + ", ".join(f"{r} {w}" for r, w in RECIPES.items()) + ")")
+    parser.add_argument("--seed", type=int, default=0, help="student initialisation and mixture seed (default 0)")
+    parser.add_argument("--out", required=True, help="run directory; the student lands in OUT/model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        get_shape(args.preset)
+        cfg = DistillConfig(train=train_config_from_args(args, args.seed), synthetic_dir=args.synthetic,
+                            recipe=args.recipe, w=args.w)
+        result = distill(cfg, args.out)
+    except (DistillError, DataError, ShapeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps({"val_loss": result["val_loss"], "model_dir": result["model_dir"],
+                      "synthetic_fraction": result["mixture"]["synthetic_fraction"], "steps": result["steps"]}))

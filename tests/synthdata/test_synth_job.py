@@ -1,0 +1,164 @@
+"""synthdata/: exact budget, kill -9 and resume, repair of a corrupt shard, the loader, bad input, and the
+check that the engine samples from the logit-averaged ensemble (against serve's PyTorch reference)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from synthdata.job import GenerateConfig, JobError, generate, plan_shards, sequence_draws
+from synthdata.loader import TokenShards
+from synthdata.teacher import TeacherError
+from conftest import SYNTH_SHARD_TOKENS, SYNTH_TOKENS
+from train.data import DataError, load_tokens, sha256_file
+
+
+def rows(out: Path) -> list[dict]:
+    return [r for f in sorted(out.glob("shard-*.parquet")) for r in pq.read_table(f).to_pylist()]
+
+
+def test_plan_is_exact_and_seeds_are_fixed():
+    plans = plan_shards(10_001, 1_000, seed=7)
+    assert [p.quota for p in plans] == [1_000] * 10 + [1]
+    assert len({p.seed for p in plans}) == len(plans)
+    assert plans == plan_shards(10_001, 1_000, seed=7)
+    assert [p.seed for p in plan_shards(10_001, 1_000, seed=8)] != [p.seed for p in plans]
+    draws = sequence_draws(plans[0].seed, 0, 300, members=3)
+    assert draws[100:] == sequence_draws(plans[0].seed, 100, 200, members=3)  # a sequence's seed is its own
+    counts = np.bincount([m for _, m in draws], minlength=3)
+    assert counts.min() > 60  # members drawn roughly uniformly
+
+
+def test_killed_job_resumes_to_the_exact_budget_without_duplicates(synthetic_job):
+    out = synthetic_job["out"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    n_shards = -(-SYNTH_TOKENS // SYNTH_SHARD_TOKENS)
+    # the kill really came mid-job
+    assert 1 <= len(synthetic_job["shards_at_kill"]) < n_shards
+    # exact budget, every shard once, manifest matching the files
+    assert sum(s["tokens"] for s in manifest["shards"]) == SYNTH_TOKENS
+    assert [s["index"] for s in manifest["shards"]] == list(range(n_shards))
+    assert sorted(p.name for p in out.glob("shard-*.parquet")) == [s["file"] for s in manifest["shards"]]
+    assert not list(out.glob("*.tmp"))
+    for s in manifest["shards"]:
+        table = pq.read_table(out / s["file"])
+        assert sha256_file(out / s["file"]) == s["sha256"]
+        assert table.num_rows == s["rows"]
+        assert sum(table.column("length").to_pylist()) == s["tokens"] == sum(len(t) for t in table.column("tokens").to_pylist())
+    # no duplicate rows: content hashes of all sequences are distinct
+    all_rows = rows(out)
+    hashes = [hashlib.sha256(np.asarray(r["tokens"], np.int32).tobytes()).hexdigest() for r in all_rows]
+    assert len(set(hashes)) == len(hashes)
+    assert synthetic_job["summary"]["tokens"] == SYNTH_TOKENS and synthetic_job["summary"]["complete"]
+
+
+def test_resume_names_and_remakes_the_corrupt_shard_identically(synthetic_job):
+    out, corrupted = synthetic_job["out"], synthetic_job["corrupted"]
+    log = synthetic_job["resume_log"]
+    assert f"shard {corrupted['file']} is corrupt" in log
+    assert "shard-99999.parquet.tmp" in log
+    # same seeds, same tokens: the remade shard is byte-identical to the one that was corrupted
+    assert sha256_file(out / corrupted["file"]) == corrupted["sha256"]
+
+
+def test_rows_carry_teacher_identity_and_settings(synthetic_job, packed_teacher):
+    from serve.pack import weights_sha256
+
+    manifest = json.loads((synthetic_job["out"] / "manifest.json").read_text())
+    first = pq.read_table(synthetic_job["out"] / manifest["shards"][0]["file"]).to_pylist()
+    assert {r["teacher_sha256"] for r in first} == {weights_sha256(packed_teacher)}
+    assert json.loads(first[0]["sampling"]) == {"max_len": 128, "temperature": 1.0, "top_p": 1.0}
+    assert {r["seed"] for r in first} == {manifest["shards"][0]["seed"]}
+    bos = manifest["job"]["bos_token_id"]
+    assert all(r["tokens"][0] == bos and 1 <= r["length"] <= 128 for r in rows(synthetic_job["out"]))
+
+
+def test_finished_job_reruns_as_a_no_op(synthetic_job):
+    before = {p.name: sha256_file(p) for p in synthetic_job["out"].iterdir() if p.is_file()}
+    again = subprocess.run(synthetic_job["cmd"], env=synthetic_job["env"], capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "nothing to do" in again.stderr
+    assert json.loads(again.stdout.strip().splitlines()[-1])["generated_this_run"] == 0
+    assert {p.name: sha256_file(p) for p in synthetic_job["out"].iterdir() if p.is_file()} == before
+
+
+def test_loader_streams_synthetic_and_real_shards(synthetic_job, tiny_dataset):
+    synth = TokenShards.open(synthetic_job["out"])
+    assert synth.kind == "synthetic" and synth.tokens == SYNTH_TOKENS
+    assert sum(len(s) for s in synth.sequences()) == SYNTH_TOKENS == len(synth.stream())
+    assert [list(s) for s in synth.sequences()] == [r["tokens"] for r in rows(synthetic_job["out"])]
+    real = TokenShards.open(tiny_dataset)
+    assert real.kind == "real" and real.tokenizer_sha256 == synth.tokenizer_sha256
+    assert np.array_equal(real.stream(5000), load_tokens(tiny_dataset, "train", 5000))
+
+
+def test_engine_samples_from_the_logit_averaged_ensemble(synthetic_job, packed_teacher):
+    """Two checks against serve's PyTorch reference ensemble:
+    1. the engine's reported log-prob of every sequence equals the reference's (same distribution);
+    2. sampled tokens have the reference's expected log-prob: over positions t, mean log p(x_t) matches
+       mean -H(p_t) within 4 standard errors (a sampler drawing from another distribution fails this)."""
+    from serve.reference import ReferenceEnsemble
+
+    reference = ReferenceEnsemble.from_dir(packed_teacher)
+    assert reference.k == 3 and reference.combine == "logits"
+    seqs = rows(synthetic_job["out"])[:48]
+    width = max(r["length"] for r in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    for i, r in enumerate(seqs):
+        ids[i, : r["length"]] = torch.tensor(r["tokens"])
+    logp = torch.cat([reference.log_probs(ids[i : i + 16]) for i in range(0, len(seqs), 16)])
+    sampled = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]  # log p(x_t | x_<t), t >= 1
+    neg_entropy = (logp[:, :-1].exp() * logp[:, :-1]).sum(-1)
+    mask = torch.arange(1, width)[None, :] < torch.tensor([r["length"] for r in seqs])[:, None]
+    per_seq = (sampled * mask).sum(1).numpy()
+    engine = np.array([r["sample_logprob"] for r in seqs])
+    n_tokens = int(mask.sum())
+    assert np.abs(per_seq - engine).sum() / n_tokens < 1e-3, (per_seq[:5], engine[:5])
+    diff = (sampled - neg_entropy)[mask].double()
+    z = float(diff.mean() / (diff.std() / diff.numel() ** 0.5))
+    assert abs(z) < 4, f"sampled tokens' log-prob differs from the ensemble's expectation: z = {z:.2f}"
+
+
+@pytest.mark.parametrize("case", ["missing", "not-a-model", "budget", "other-job"])
+def test_bad_input_is_a_clear_error(case, tmp_path, packed_teacher, synthetic_job):
+    teacher, tokens, out = str(packed_teacher), 1000, tmp_path / "out"
+    expected = {"missing": "is not a directory", "not-a-model": "is not a model directory",
+                "budget": "token budget must be positive", "other-job": "holds another generation job"}[case]
+    if case == "missing":
+        teacher = str(tmp_path / "nowhere")
+    elif case == "not-a-model":
+        (tmp_path / "empty").mkdir()
+        teacher = str(tmp_path / "empty")
+    elif case == "budget":
+        tokens = 0
+    else:
+        out = synthetic_job["out"]  # a finished job with another budget
+    with pytest.raises((JobError, TeacherError), match=expected):
+        generate(GenerateConfig(teacher=teacher, tokens=tokens, out=str(out), progress=False))
+    cli = subprocess.run([sys.executable, "-m", "synthdata", "generate", "--teacher", teacher, "--tokens",
+                          str(tokens), "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 2 and expected in cli.stderr
+
+
+def test_loader_refuses_corrupt_and_incomplete_data(synthetic_job, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(synthetic_job["out"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / manifest["shards"][1]["file"]).write_bytes(b"junk")
+    with pytest.raises(DataError, match=manifest["shards"][1]["file"]):
+        list(TokenShards.open(copy).sequences())
+    manifest["shards"] = manifest["shards"][:2]
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="incomplete"):
+        TokenShards.open(copy)
+    assert TokenShards.open(copy, require_complete=False).tokens == 2 * SYNTH_SHARD_TOKENS
