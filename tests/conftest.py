@@ -50,3 +50,70 @@ def tiny_members(tiny_dataset, tmp_path_factory) -> list[Path]:
                           weight_decay=0.4, seed=seed, batch_size=16, context=128)
         dirs.append(Path(train_member(cfg, root / f"seed-{seed}", progress=False)["model_dir"]))
     return dirs
+
+
+# ---- synthdata/ and distill/ -------------------------------------------------------------------
+
+SYNTH_TOKENS, SYNTH_SHARD_TOKENS = 12_000, 1_500
+
+
+@pytest.fixture(scope="session")
+def packed_teacher(tiny_members, tmp_path_factory) -> Path:
+    """The three tiny members packed into one logit-averaged ensemble directory."""
+    from serve.pack import pack_ensemble
+
+    return pack_ensemble(tiny_members, tmp_path_factory.mktemp("teacher") / "ensemble")
+
+
+@pytest.fixture(scope="session")
+def synthetic_job(packed_teacher, tmp_path_factory) -> dict:
+    """A finished `python -m synthdata generate` job on the packed teacher, made the hard way: the first
+    run is killed with SIGKILL after its first shard is recorded; before the re-run one recorded shard is
+    corrupted and a stray temp file planted. Tests read the job and what was done to it, so the kill/resume
+    check and every test that needs synthetic tokens share two engine starts."""
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path_factory.mktemp("synthetic") / "job"
+    cmd = [sys.executable, "-m", "synthdata", "generate", "--teacher", str(packed_teacher),
+           "--tokens", str(SYNTH_TOKENS), "--shard-tokens", str(SYNTH_SHARD_TOKENS), "--out", str(out),
+           "--no-progress"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    log_path = out.parent / "first-run.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        manifest_path, deadline = out / "manifest.json", time.time() + 600
+        shards_at_kill = []
+        while time.time() < deadline and proc.poll() is None:
+            if manifest_path.exists():
+                shards_at_kill = json.loads(manifest_path.read_text())["shards"]
+                if shards_at_kill:
+                    break
+            time.sleep(0.1)
+        assert proc.poll() is None, f"the first run ended before the kill:\n{log_path.read_text()[-3000:]}"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        time.sleep(3)
+        try:  # Ray's own processes die with their driver; make sure nothing of ours survives either way
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    manifest = json.loads(manifest_path.read_text())
+    corrupted = manifest["shards"][0]
+    (out / corrupted["file"]).write_bytes(b"not parquet")
+    (out / "shard-99999.parquet.tmp").write_bytes(b"half-written")
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    return {"out": out, "cmd": cmd, "env": env, "shards_at_kill": manifest["shards"], "corrupted": corrupted,
+            "resume_log": resumed.stderr, "summary": json.loads(resumed.stdout.strip().splitlines()[-1])}
+
+
+@pytest.fixture(scope="session")
+def tiny_ensemble(tiny_members, tmp_path_factory) -> Path:
+    """The first two tiny members packed as one K=2 logit-averaging ensemble directory (serve/)."""
+    from serve.pack import pack_ensemble
+
+    return pack_ensemble(tiny_members[:2], tmp_path_factory.mktemp("tiny_ensemble") / "ens-k2")
