@@ -1,4 +1,4 @@
-"""Command line for synthdata/: `python -m synthdata generate --help`."""
+"""Command line for synthdata/: `python -m synthdata {generate,check} --help`."""
 from __future__ import annotations
 
 import argparse
@@ -35,19 +35,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per engine on CPU, GiB (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("check", help="check a job's samples against the teacher's PyTorch reference",
+                       description="Compares the engine's reported log-probs with serve/'s reference ensemble and "
+                                   "tests that sampled tokens have the reference's expected log-prob (z-score).")
+    p.add_argument("--teacher", required=True, help="the job's teacher directory")
+    p.add_argument("--out", required=True, help="the job's output directory")
+    p.add_argument("--sequences", type=int, default=48, help="rows to check (default 48)")
+    p.add_argument("--member", type=int, help="check against this member alone (a negative control)")
+    p.set_defaults(func=cmd_check)
     return parser
+
+
+def cmd_generate(args) -> dict:
+    cfg = GenerateConfig(teacher=args.teacher, tokens=args.tokens, out=args.out, mode=args.mode,
+                         replicas=args.replicas, temperature=args.temperature, top_p=args.top_p,
+                         max_len=args.max_len, seed=args.seed, shard_tokens=args.shard_tokens,
+                         address=args.address, kv_cache_gib=args.kv_cache_gib, progress=not args.no_progress)
+    return generate(cfg)
+
+
+def cmd_check(args) -> dict:
+    from synthdata.check import sampling_check
+
+    return sampling_check(args.out, args.teacher, args.sequences, member=args.member)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = GenerateConfig(teacher=args.teacher, tokens=args.tokens, out=args.out, mode=args.mode,
-                         replicas=args.replicas, temperature=args.temperature, top_p=args.top_p,
-                         max_len=args.max_len, seed=args.seed, shard_tokens=args.shard_tokens,
-                         address=args.address, kv_cache_gib=args.kv_cache_gib, progress=not args.no_progress)
     try:
-        summary = generate(cfg)
+        summary = args.func(args)
     except (JobError, TeacherError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
