@@ -1,0 +1,153 @@
+"""Downstream scoring: task parsing, lm-eval's request conventions, and agreement with lm-evaluation-harness."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from bench.downstream import ClozeItem, MultipleChoiceItem, encode_pair, evaluate_downstream, evaluate_items, read_task, score_requests
+from bench.evaluate import EvalError, load_model
+from train.data import load_tokenizer
+
+from conftest import EVAL_DIR, require
+
+AGREEMENT_ITEMS = 40
+
+
+def write_lines(path, records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def test_read_task_formats_and_errors(tmp_path):
+    mc = read_task(write_lines(tmp_path / "mc.jsonl", [{"query": "Q", "choices": ["a", "b"], "gold": 1}] * 3), limit=2)
+    assert mc == [MultipleChoiceItem("Q", ("a", "b"), 1)] * 2
+    cloze = read_task(write_lines(tmp_path / "cz.jsonl", [{"context": "c", "continuation": "w", "target_delimiter": ""}]))
+    assert cloze == [ClozeItem("c", "w", "")]
+    for bad, message in [({"query": "Q", "choices": ["a", "b"], "gold": 2}, "gold"),
+                         ({"query": "Q", "choices": ["a"], "gold": 0}, "at least two"),
+                         ({"prompt": "Q"}, "expected keys")]:
+        with pytest.raises(EvalError, match=message):
+            read_task(write_lines(tmp_path / "bad.jsonl", [bad]))
+    (tmp_path / "broken.jsonl").write_text('{"query": \n')
+    with pytest.raises(EvalError, match="broken.jsonl:1: not JSON"):
+        read_task(tmp_path / "broken.jsonl")
+    with pytest.raises(EvalError, match="does not exist"):
+        read_task(tmp_path / "absent.jsonl")
+
+
+def test_encode_pair_moves_trailing_space_and_prepends_bos(tiny_members):
+    tok = load_tokenizer(tiny_members[0])
+    context, continuation = encode_pair(tok, "The cat sat on the ", "mat")
+    assert context[0] == tok.bos_token_id
+    assert context + continuation == tok.encode("The cat sat on the mat")
+    assert tok.decode(continuation) == " mat"
+
+
+def test_long_context_is_cut_from_the_left(tiny_members):
+    """A context longer than the model's positions scores as its last max_length tokens do (lm-eval's rule)."""
+    model, tok = load_model([tiny_members[0]]), load_tokenizer(tiny_members[0])
+    max_length = model.config.max_position_embeddings
+    long_context = "The history of the city begins with a small river crossing. " * 60
+    (scored,) = score_requests(model, tok, [(long_context, " The river")], progress=False)
+    ctx, cont = encode_pair(tok, long_context, " The river")
+    assert len(ctx) + len(cont) > max_length + 1
+    window = torch.tensor([(ctx + cont)[-(max_length + 1):]])
+    log_probs = model.log_probs(window[:, :-1])[0, -len(cont):]
+    expected = float(log_probs.gather(-1, torch.tensor(cont).unsqueeze(-1)).sum())
+    assert scored[0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_too_long_choice_is_skipped_and_counted(tiny_members, tmp_path):
+    model, tok = load_model([tiny_members[0]]), load_tokenizer(tiny_members[0])
+    items = [MultipleChoiceItem("Question: which is longer?", ("short", "word " * 300), 0),
+             MultipleChoiceItem("The sky is", ("blue", "a cat"), 0)]
+    result = evaluate_items(model, tok, items, progress=False)
+    assert result["items"] == 1 and result["skipped"] == 1
+    with pytest.raises(EvalError, match="none of the 1 items"):
+        evaluate_items(model, tok, items[:1], progress=False)
+
+
+def _lm_eval_task_yaml(name: str, data_file, cloze: bool) -> str:
+    common = (f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data_file}\n"
+              "test_split: test\n")
+    if cloze:  # as lm-eval's lambada_openai: loglikelihood of " " + the last word, acc = greedy match
+        return common + ("output_type: loglikelihood\ndoc_to_text: context\ndoc_to_target: \"{{' ' + continuation}}\"\n"
+                         "metric_list:\n  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+                         "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    return common + ("output_type: multiple_choice\ndoc_to_text: query\ndoc_to_choice: choices\ndoc_to_target: gold\n"
+                     "metric_list:\n  - metric: acc\n  - metric: acc_norm\n")
+
+
+def _fits_window(tok, line: str, max_length: int) -> bool:
+    record = json.loads(line)
+    pairs = ([(record["query"], " " + c) for c in record["choices"]] if "choices" in record
+             else [(record["context"], " " + record["continuation"])])
+    return all(len(encode_pair(tok, c, x)[1]) <= max_length for c, x in pairs)
+
+
+@pytest.fixture(scope="module")
+def agreement_tasks(tiny_members, tmp_path_factory):
+    """The first items of PIQA (2 choices), BoolQ (long passages: truncated contexts) and LAMBADA (cloze).
+
+    Items with a choice longer than the model's window are left out here: lm-eval cannot score them
+    (it stops with an assertion) and bench skips and counts them (test_too_long_choice_is_skipped)."""
+    root = tmp_path_factory.mktemp("agreement_tasks")
+    tok = load_tokenizer(tiny_members[0])
+    max_length = json.loads((tiny_members[0] / "config.json").read_text())["max_position_embeddings"]
+    tasks = {}
+    for name in ("piqa", "boolq", "lambada_openai"):
+        lines = require(EVAL_DIR / f"{name}.jsonl").read_text().splitlines()[: 2 * AGREEMENT_ITEMS]
+        lines = [line for line in lines if _fits_window(tok, line, max_length)][:AGREEMENT_ITEMS]
+        path = root / f"{name}.jsonl"
+        path.write_text("\n".join(lines) + "\n")
+        (root / f"chorus_{name}.yaml").write_text(_lm_eval_task_yaml(f"chorus_{name}", path, name.startswith("lambada")))
+        tasks[name] = path
+    return root, tasks
+
+
+def test_agrees_with_lm_evaluation_harness(tiny_members, agreement_tasks, tmp_path):
+    """lm-eval's own HF model and task runner on the same items: identical accuracy, matching log-likelihoods."""
+    root, tasks = agreement_tasks
+    ours = evaluate_downstream([tiny_members[0]], list(tasks.values()), batch_size=32, progress=False)
+    script = (
+        "import json, sys\n"
+        "from lm_eval import simple_evaluate\n"
+        "from lm_eval.tasks import TaskManager\n"
+        f"out = simple_evaluate(model='hf', model_args=dict(pretrained={str(tiny_members[0])!r}, dtype='float32', "
+        "device='cpu', add_bos_token=True), "
+        f"tasks={[f'chorus_{n}' for n in tasks]!r}, task_manager=TaskManager(include_path={str(root)!r}), "
+        "batch_size=16, log_samples=True)\n"
+        "res = {t: {k.split(',')[0]: v for k, v in r.items() if isinstance(v, (int, float))} for t, r in out['results'].items()}\n"
+        "lls = {t: [[float(x[0]) for x in s['filtered_resps']] for s in sorted(ss, key=lambda s: s['doc_id'])] "
+        "for t, ss in out['samples'].items()}\n"
+        "print(json.dumps({'results': res, 'lls': lls}))\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_DATASETS_CACHE=str(tmp_path / "hf"),
+               TOKENIZERS_PARALLELISM="false")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    for name in tasks:
+        ref = theirs["results"][f"chorus_{name}"]
+        assert ours[name]["items"] == AGREEMENT_ITEMS
+        assert ours[name]["acc"] == ref["acc"], name
+        if "acc_norm" in ref:
+            assert ours[name]["acc_norm"] == ref["acc_norm"], name
+        else:
+            assert ours[name]["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-4), name
+
+
+def test_cli_downstream_and_bad_task(tiny_members, agreement_tasks, tmp_path):
+    _, tasks = agreement_tasks
+    ok = subprocess.run([sys.executable, "-m", "bench", "downstream", "--model", str(tiny_members[0]),
+                         "--task", str(tasks["piqa"]), "--limit", "10"], capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0, ok.stderr
+    record = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert record["task"] == "piqa" and record["items"] == 10 and 0 <= record["acc"] <= 1
+    bad = write_lines(tmp_path / "bad.jsonl", [{"query": "Q", "choices": ["a", "b"], "gold": 5}])
+    run = subprocess.run([sys.executable, "-m", "bench", "downstream", "--model", str(tiny_members[0]),
+                          "--task", str(bad)], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "bad.jsonl:1" in run.stderr
