@@ -117,3 +117,9 @@ def tiny_ensemble(tiny_members, tmp_path_factory) -> Path:
     from serve.pack import pack_ensemble
 
     return pack_ensemble(tiny_members[:2], tmp_path_factory.mktemp("tiny_ensemble") / "ens-k2")
+
+
+@pytest.fixture(scope="session")
+def eval_dir() -> Path:
+    """../shared/data/eval: the zero-shot multiple-choice tasks (JSON lines)."""
+    return require(EVAL_DIR)

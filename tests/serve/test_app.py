@@ -109,3 +109,79 @@ def test_api_key_guards_everything_but_health(endpoint):
     wrong = httpx.post(f"{endpoint}/v1/completions", json={"model": NAME, "prompt": "a"},
                        headers={"Authorization": "Bearer wrong"}, timeout=30)
     assert wrong.status_code == 401
+
+
+# ---- lm-evaluation-harness against the endpoint -------------------------------------------------
+
+MC_ITEMS = 50
+TASK = "chorus_arc_easy_slice"
+
+
+def mc_pair_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+    """(context, continuation) token ids as lm-eval's causal models cut them: trailing spaces of the
+    context move to the continuation, the pair is encoded whole (with BOS) and split at the context's length."""
+    stripped = context.rstrip()
+    continuation = context[len(stripped):] + continuation
+    whole = tokenizer(stripped + continuation)["input_ids"]
+    n_context = len(tokenizer(stripped)["input_ids"])
+    return whole[:n_context], whole[n_context:]
+
+
+def reference_mc_correct(reference: ReferenceEnsemble, tokenizer, items: list[dict]) -> list[int]:
+    """Per item, 1 if the reference ensemble's choice (max sum of continuation log-probs) is the gold one."""
+    correct = []
+    for item in items:
+        scores = []
+        for choice in item["choices"]:
+            ctx, cont = mc_pair_tokens(tokenizer, item["query"], " " + choice)
+            ids = torch.tensor([ctx + cont])
+            lp = reference.log_probs(ids)[0]
+            scores.append(sum(float(lp[len(ctx) + j - 1, tok]) for j, tok in enumerate(cont)))
+        correct.append(int(max(range(len(scores)), key=scores.__getitem__) == item["gold"]))
+    return correct
+
+
+def arc_easy_slice(eval_dir, tokenizer, limit: int) -> list[dict]:
+    """The first `limit` ARC-Easy items whose every choice fits the tiny members' 128-token context."""
+    items = []
+    with open(eval_dir / "arc_easy.jsonl") as f:
+        for line in f:
+            item = json.loads(line)
+            if all(sum(map(len, mc_pair_tokens(tokenizer, item["query"], " " + c))) <= 120 for c in item["choices"]):
+                items.append(item)
+            if len(items) == limit:
+                break
+    return items
+
+
+def test_lm_eval_local_completions_matches_in_process_scorer(endpoint, reference, tiny_ensemble, eval_dir,
+                                                             tmp_path, monkeypatch):
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_ensemble))
+    items = arc_easy_slice(eval_dir, tokenizer, MC_ITEMS)
+    data = tmp_path / "items.jsonl"
+    data.write_text("".join(json.dumps(i) + "\n" for i in items))
+    (tmp_path / f"{TASK}.yaml").write_text(
+        f"task: {TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{query}}'\ndoc_to_choice: choices\n"
+        "doc_to_target: gold\nmetric_list:\n  - metric: acc\n")
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={"model": NAME, "base_url": f"{endpoint}/v1/completions", "tokenizer": str(tiny_ensemble),
+                    "tokenizer_backend": "huggingface", "tokenized_requests": True, "add_bos_token": True,
+                    "max_length": 128, "batch_size": 16, "num_concurrent": 1, "max_retries": 1},
+        tasks=[TASK], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
+    )
+    served = results["results"][TASK]["acc,none"]
+    served_correct = [int(s["acc"]) for s in sorted(results["samples"][TASK], key=lambda s: s["doc_id"])]
+    in_process_correct = reference_mc_correct(reference, tokenizer, items)
+    in_process = sum(in_process_correct) / len(items)
+    print(f"ARC-Easy {len(items)} items: lm-eval via endpoint acc {served:.4f}, in-process reference acc {in_process:.4f}")
+    assert len(items) == MC_ITEMS
+    assert served_correct == in_process_correct  # item by item, not only on average
+    assert served == pytest.approx(in_process, abs=1e-12)
