@@ -172,6 +172,7 @@ class Study:
             raise StudyError(f"{self.out} holds a study of another profile (differs in: {', '.join(diff)}); "
                              "use another --out or the same settings")
         self.results.setdefault("phases_done", [])
+        self.results["command"] = cfg.command
         self.evals = EvalCache(self.out / "evals.jsonl")
         self.trained = 0  # runs this invocation actually trained (0 on a resumed, finished study)
 
@@ -615,6 +616,21 @@ def _seeds_text(rows) -> str:
     return ", ".join(f"{r:.4f}" for r in rows)
 
 
+def runs_so_far(out: Path) -> str:
+    """Every training run the ledgers hold, for a partial report: what a killed or running study has done."""
+    from bench.report import markdown_table
+
+    rows = []
+    for path in sorted((out / "runs").glob("*/d*/ledger.jsonl")):
+        for rec in Ledger(path).records.values():
+            rows.append([path.parent.parent.name, f"{int(path.parent.name[1:]):,}", rec["epochs"], f"{rec['lr']:g}",
+                         f"{rec['wd']:g}", rec["seed"], f"{rec['val_loss']:.4f}"])
+    if not rows:
+        return "No training run has finished yet.\n"
+    return (f"Training runs finished so far ({len(rows)}; from the run ledgers under runs/):\n\n"
+            + markdown_table(["N", "tokens D", "epochs", "lr", "wd", "seed", "val loss"], rows))
+
+
 def build_report(results: dict, out: Path, cfg: StudyConfig, n_boot: int) -> Path:
     from bench.report import (efficiency_table, fit_table, joint_limit_table, markdown_table,
                               plot_data_efficiency, plot_scaling, write_text)
@@ -628,9 +644,10 @@ def build_report(results: dict, out: Path, cfg: StudyConfig, n_boot: int) -> Pat
               f"**PARTIAL**: phases done {', '.join(done) or 'none'}; still to run "
               f"{', '.join(p for p in PHASES if p not in done)}. Sections below say 'not run yet' where data is missing.")
     ds = results.get("dataset", {})
+    command = results.get("command") or cfg.command or "python -m bench.study"
     parts.append(
         f"Status: {status}\n\n"
-        f"- Command: `{cfg.command or 'python -m bench.study'}` (resumable: the same command continues a killed study)\n"
+        f"- Command: `{command}` (resumable: the same command continues a killed study)\n"
         f"- Machine: {platform.node() or '?'} / {platform.machine()}, {os.cpu_count()} CPUs, "
         f"Python {platform.python_version()}; report written {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')}\n"
         f"- Corpus: {', '.join(ds.get('corpus', cfg.corpus))}; {ds.get('train_tokens', 0):,} training tokens available, "
@@ -645,6 +662,8 @@ def build_report(results: dict, out: Path, cfg: StudyConfig, n_boot: int) -> Pat
         f"L = A/x^B + C (scipy curve_fit, p0 = [1, 0.5, 2], bounds >= 0; bench.fits); C is printed as value ± bootstrap "
         f"std, and every fit's flags are printed beside it.\n")
 
+    if not complete:
+        parts.append(runs_so_far(out))
     parts.append("## Answers\n")
     qa = answers(results, a)
     parts += [f"{i}. {t}\n" for i, t in enumerate(qa, 1)] or ["Not run yet.\n"]
@@ -887,7 +906,8 @@ def main(argv: list[str] | None = None) -> None:
     profile = PROFILES[args.profile]
     if args.max_chars is not None:
         profile = dataclasses.replace(profile, max_chars=args.max_chars)
-    command = "python -m bench.study " + " ".join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.study " + " ".join(a for a in (sys.argv[1:] if argv is None else argv)
+                                                  if a != "--report-only")
     cfg = StudyConfig(profile=profile, corpus=tuple(args.corpus or ()), out=args.out, eval_dir=args.eval_dir,
                       data_dir=args.data_dir,
                       address=args.address, parallel=args.parallel, n_boot=args.n_boot, command=command)
