@@ -30,6 +30,7 @@ import math
 import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from train.search import Ledger
 log = logging.getLogger("bench.study")
 
 PHASES = ("data", "search", "members", "ensembles", "budgets", "distill", "downstream")
+PARTIAL_REPORT_EVERY_S = 300  # a phase ending this long after the last report writes a partial one (fits cost seconds)
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ PROFILES: dict[str, StudyProfile] = {
     # Seconds to minutes: exercises every phase and every report section (tests/bench/test_study.py).
     "micro": StudyProfile(
         name="micro", presets=("cpu-xs", "cpu-s", "cpu-m"), tokens=6_000, vocab_size=2048, max_chars=2_000_000,
-        val_tokens=4_000, context=64, batch_size=16, epochs=(1, 2), lrs=(3e-3,), wds=(0.1, 0.8), start=(1, 3e-3, 0.8),
+        val_tokens=4_000, context=64, batch_size=16, epochs=(1,), lrs=(3e-3,), wds=(0.1, 0.8), start=(1, 3e-3, 0.8),
         k_max=3, joint_members=False, budgets=(2_000, 4_000), budget_presets=("cpu-xs", "cpu-s"),
         distill_preset="cpu-xs", synthetic_tokens=3_000, synthetic_shard_tokens=1_500, student_epochs=1,
         student_wd=0.1, distill_w=0.5, eval_tasks=("piqa", "arc_easy", "lambada_openai"), eval_limit=16,
@@ -393,17 +395,21 @@ class Study:
         self.results["downstream"] = {"limit": self.p.eval_limit, "models": results}
 
     def run(self) -> dict:
+        if self.p.distill_preset not in self.p.presets:
+            raise StudyError(f"distill_preset {self.p.distill_preset} is not in the ladder {self.p.presets}")
+        last_report = time.monotonic()
         for phase in PHASES:
-            if phase == "distill" and self.p.distill_preset not in self.p.presets:
-                raise StudyError(f"distill_preset {self.p.distill_preset} is not in the ladder {self.p.presets}")
             log.info("phase %s", phase)
             getattr(self, f"phase_{phase}")()
             self.save(phase)
-            write_report(self.results, self.out, self.cfg)
+            if time.monotonic() - last_report > PARTIAL_REPORT_EVERY_S:  # long studies: a partial report per phase
+                write_report(self.results, self.out, self.cfg)
+                last_report = time.monotonic()
         self._release_ray()
         self.results["trained_last_invocation"] = self.trained
         self.results["evaluated_last_invocation"] = self.evals.computed
         self.save()
+        write_report(self.results, self.out, self.cfg)
         log.info("study complete: %s (this invocation trained %d runs, evaluated %d models)",
                  self.out / "REPORT.md", self.trained, self.evals.computed)
         return self.results

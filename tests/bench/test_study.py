@@ -28,9 +28,13 @@ def run_cli(*args, timeout=1500) -> subprocess.CompletedProcess:
 
 
 def finished_files(out: Path) -> dict[str, tuple[int, int]]:
-    """(mtime, size) of every file that marks finished work: run results, ledgers, synthetic manifests."""
-    names = ("result.json", "ledger.jsonl", "manifest.json", "evals.jsonl", "mixture.json")
-    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.name in names}
+    """(mtime, size) of every file that marks finished work: training runs' results (students included),
+    ledgers, synthetic-data manifests, the evaluation cache."""
+    def done(p: Path) -> bool:
+        if p.name == "result.json":
+            return (p.parent / "run.json").exists()  # a run's, not a search's summary (rewritten by each search)
+        return p.name in ("ledger.jsonl", "manifest.json", "evals.jsonl")
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if done(p)}
 
 
 @pytest.fixture(scope="module")
