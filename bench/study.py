@@ -623,17 +623,18 @@ def _seeds_text(rows) -> str:
 
 
 def runs_so_far(out: Path) -> str:
-    """Every training run the ledgers hold, for a partial report: what a killed or running study has done."""
+    """Every finished training run under runs/ (its result.json), for a partial report: what a killed or running
+    study has done, including runs of a search round whose ledger lines are written when the round ends."""
     from bench.report import markdown_table
 
     rows = []
-    for path in sorted((out / "runs").glob("*/d*/ledger.jsonl")):
-        for rec in Ledger(path).records.values():
-            rows.append([path.parent.parent.name, f"{int(path.parent.name[1:]):,}", rec["epochs"], f"{rec['lr']:g}",
-                         f"{rec['wd']:g}", rec["seed"], f"{rec['val_loss']:.4f}"])
+    for path in sorted((out / "runs").glob("*/d*/runs/*/result.json")):
+        c = json.loads(path.read_text())["config"]
+        rows.append([c["preset"], f"{c['tokens']:,}", c["epochs"], f"{c['lr']:g}", f"{c['weight_decay']:g}",
+                     c["seed"], f"{json.loads(path.read_text())['val_loss']:.4f}"])
     if not rows:
         return "No training run has finished yet.\n"
-    return (f"Training runs finished so far ({len(rows)}; from the run ledgers under runs/):\n\n"
+    return (f"Training runs finished so far ({len(rows)}; their result.json under runs/):\n\n"
             + markdown_table(["N", "tokens D", "epochs", "lr", "wd", "seed", "val loss"], rows))
 
 
