@@ -7,14 +7,17 @@ as `python -m vllm.entrypoints.openai.api_server`): /v1/models, /v1/completions,
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 
-from serve.pack import PackError, read_config
+from serve.pack import PackError, read_config, weight_shapes
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ class EnsembleConfig:
 
     def check(self) -> None:
         read_config(self.model_dir)  # a clear error for a directory that is not a model
+        weight_shapes(self.model_dir)  # a truncated or corrupt weights file is named before any engine starts
         if self.replicas < 1:
             raise PackError(f"replicas must be >= 1 (got {self.replicas})")
         if not 0 < self.port < 65536:
@@ -71,6 +75,40 @@ class EnsembleConfig:
         return argv
 
 
+class ApiKeyGuard:
+    """ASGI middleware: with an API key set, every route but /health needs 'Authorization: Bearer KEY'.
+
+    vLLM's own check guards only paths under /v1, /v2, /inference and /cohere; its app also serves
+    /invocations and /generative_scoring (inference), /tokenize, /metrics, /scale_elastic_ep, /docs, ...
+    which would otherwise answer anyone who can connect. CORS preflights (OPTIONS) pass, as in vLLM."""
+
+    open_paths = ("/health",)
+
+    def __init__(self, app, api_key: str):
+        self.app = app
+        self.key_sha256 = hashlib.sha256(api_key.encode()).digest()
+
+    def authorized(self, scope) -> bool:
+        scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+        # Compare digests, in constant time: the key's length does not leak either.
+        return scheme.lower() == b"bearer" and secrets.compare_digest(hashlib.sha256(key).digest(), self.key_sha256)
+
+    async def __call__(self, scope, receive, send):
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if (scope["type"] == "http" and scope["method"] != "OPTIONS" or scope["type"] == "websocket") \
+                and path not in self.open_paths and not self.authorized(scope):
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 1008})
+                return
+            body = json.dumps({"error": {"message": "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                                         "type": "Unauthorized", "param": None, "code": 401}}).encode()
+            await send({"type": "http.response.start", "status": 401,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+
 class EnsembleServer:
     """One replica: an AsyncLLM on the ensemble and vLLM's OpenAI app over it."""
 
@@ -89,9 +127,11 @@ class EnsembleServer:
         tasks = await self.engine.get_supported_tasks()
         self.openai_app = build_vllm_app(args, tasks, self.engine.model_config)
         await init_app_state(self.engine, self.openai_app.state, args, tasks)
+        self.api_key = config.api_key
 
     def __serve_build_asgi_app__(self):
-        return self.openai_app
+        # Wrapped, not add_middleware: vLLM's app has built its middleware stack by now.
+        return ApiKeyGuard(self.openai_app, self.api_key) if self.api_key else self.openai_app
 
     def __del__(self):
         if hasattr(self, "engine"):

@@ -16,7 +16,7 @@ import os
 import shutil
 from pathlib import Path
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from train.data import sha256_file, tokenizer_hash
@@ -68,12 +68,18 @@ def ensemble_members(model_dir: str | Path) -> int:
     return int(ensemble_info(model_dir)["members"])
 
 
-def _weight_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
-    path = model_dir / WEIGHTS
+def weight_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from the weights file's header. Reading the header is also the cheap integrity check
+    callers run before loading: safetensors refuses a header that does not parse or tensors that do not
+    cover the file exactly (a truncated file), and the error here names the file."""
+    path = Path(model_dir) / WEIGHTS
     if not path.exists():
         raise PackError(f"{model_dir} has no {WEIGHTS}")
-    with safe_open(path, framework="pt") as f:
-        return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+    except SafetensorError as e:
+        raise PackError(f"weights file {path} is truncated or corrupt: {e}") from None
 
 
 def check_members(member_dirs: list[Path]) -> None:
@@ -83,7 +89,7 @@ def check_members(member_dirs: list[Path]) -> None:
     if config0.get("model_type") != "llama" or "chorus_ensemble" in config0:
         raise PackError(f"{first} is not a Llama member (model_type {config0.get('model_type')!r}); "
                         "pack member directories, not ensembles")
-    shapes0 = _weight_shapes(first)
+    shapes0 = weight_shapes(first)
     tok0 = tokenizer_hash(first)
     for other in member_dirs[1:]:
         config = read_config(other)
@@ -95,7 +101,7 @@ def check_members(member_dirs: list[Path]) -> None:
         if config.get("architectures") != config0.get("architectures"):
             raise PackError(f"members {first} and {other} differ in architecture "
                             f"({config0.get('architectures')} vs {config.get('architectures')})")
-        shapes = _weight_shapes(other)
+        shapes = weight_shapes(other)
         if shapes != shapes0:
             names = sorted(n for n in set(shapes) | set(shapes0) if shapes.get(n) != shapes0.get(n))
             raise PackError(f"members {first} and {other} differ in weight shapes: "
