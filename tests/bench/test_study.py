@@ -1,6 +1,7 @@
 """The study: the micro profile runs every phase for real (train/ ledgers, Ray, vLLM teachers, students,
 downstream) and writes a report with every section; a second run trains and evaluates nothing; the answers
 are right on points drawn from known laws; bad input is refused with exit code 2."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.study import PHASES, analyze, answers
+from bench.study import PHASES, PROFILES, StudyConfig, analyze, answers, build_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SECTIONS = ("## Answers", "## Main table", "## Recipe search", "## Standard vs regularized recipe over N",
@@ -120,7 +121,8 @@ def known_results() -> dict:
     # the standard recipe's best loss over D (D in millions): L = 1/D^0.3 + 5.5, at budgets 0.05 .. 0.8
     budgets = {"cpu-s": {str(d): {"standard": law(d / 1e6, 1.0, 0.3, 5.5), "regularized": law(d / 1e6, 0.8, 0.3, 5.0)}
                          for d in (50_000, 100_000, 200_000, 400_000, 800_000)}}
-    profile = {"name": "known", "presets": list(presets), "tokens": 800_000, "k_max": 4, "joint_members": False}
+    profile = {**json.loads(json.dumps(dataclasses.asdict(PROFILES["tiny"]))), "name": "known",
+               "presets": list(presets), "tokens": 800_000, "k_max": 4}
     distill = {"preset": "cpu-s", "ensemble": {"teacher_members": 4, "teacher_loss": ensembles["cpu-s"][-1]["loss"],
                                                "student_loss": members["cpu-s"][0]["val_loss"] - 0.1}}
     return {"profile": profile, "search": search, "members": members, "ensembles": ensembles, "budgets": budgets,
@@ -145,3 +147,23 @@ def test_analysis_recovers_known_asymptotes_and_answers():
     member, teacher = results["members"]["cpu-s"][0]["val_loss"], results["distill"]["ensemble"]["teacher_loss"]
     kept = 0.1 / (member - teacher)
     assert f"keep?** {kept:.0%}" in text
+
+
+def test_partial_report_says_what_is_missing_and_lists_finished_runs(tmp_path):
+    results = known_results()
+    results["phases_done"] = ["data", "search", "members", "ensembles"]
+    for key in ("budgets", "distill"):
+        del results[key]
+    run = tmp_path / "runs" / "cpu-s" / "d800000" / "runs" / "e8-lr0.003-wd0.1-s0"
+    run.mkdir(parents=True)
+    config = {"preset": "cpu-s", "tokens": 800_000, "epochs": 8, "lr": 3e-3, "weight_decay": 0.1, "seed": 0}
+    (run / "result.json").write_text(json.dumps({"val_loss": 5.4321, "config": config}))
+    cfg = StudyConfig(profile=PROFILES["tiny"], corpus=("corpus.jsonl",), out=str(tmp_path), n_boot=10)
+    report = build_report(results, tmp_path, cfg, n_boot=10).read_text()
+    assert "**PARTIAL**: phases done data, search, members, ensembles; still to run budgets, distill, downstream" in report
+    assert "| cpu-s | 800,000 | 8 | 0.003 | 0.1 | 0 | 5.4321 |" in report
+    assert report.count("Not run yet.") == 3  # data efficiency, distillation, downstream
+    assert "asymptote lowest?** Yes" in report and "multipliers result?" not in report
+    for png in ("loss_vs_n.png", "loss_vs_k.png", "joint_limit.png"):
+        assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
+    assert not (tmp_path / "data_efficiency.png").exists()
