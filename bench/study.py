@@ -199,7 +199,7 @@ class Study:
     def train_configs(self, configs: list, ledger_dir: Path) -> list[dict]:
         """Run whatever of `configs` the ledger at `ledger_dir` does not hold yet; every config's ledger record."""
         from train.members import run_trainings
-        from train.search import Ledger, _run_name
+        from train.search import _run_name  # the search's own run-directory names: one layout per ledger
 
         ledger_dir.mkdir(parents=True, exist_ok=True)
         ledger = Ledger(ledger_dir / "ledger.jsonl")
@@ -213,7 +213,7 @@ class Study:
         return [ledger.get(c) for c in configs]
 
     def search(self, preset: str, standard: bool) -> dict:
-        from train.search import Ledger, SearchSpace, coordinate_descent
+        from train.search import SearchSpace, coordinate_descent
 
         space = SearchSpace(epochs=self.p.epochs, lrs=self.p.lrs, wds=(0.1,) if standard else self.p.wds)
         ledger_dir = self.ledger_dir(preset, self.p.tokens)
