@@ -123,3 +123,15 @@ def tiny_ensemble(tiny_members, tmp_path_factory) -> Path:
 def eval_dir() -> Path:
     """../shared/data/eval: the zero-shot multiple-choice tasks (JSON lines)."""
     return require(EVAL_DIR)
+
+
+# ---- reliability suite -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def loopback_port() -> int:
+    """A TCP port free on 127.0.0.1 right now, for one module's server."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
