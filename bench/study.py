@@ -83,13 +83,15 @@ PROFILES: dict[str, StudyProfile] = {
         distill_preset="cpu-xs", synthetic_tokens=3_000, synthetic_shard_tokens=1_500, student_epochs=1,
         student_wd=0.1, distill_w=0.5, eval_tasks=("piqa", "arc_easy", "lambada_openai"), eval_limit=16,
         checkpoint_every=1000),
-    # ../shared/docs/pilot-cpu-scale.md's sizing for a 2-core CPU box: D = 200k, hidden 64/128/192, context 128,
-    # epochs {8, 16}, wd {0.1, 0.8, 1.6}, K = 3. One lr (the pilot's 3e-3): the lr axis would triple the runs.
+    # Sized to finish within ~2 hours on this 2-core box with one core to spare (--parallel 1): the pilot's
+    # (../shared/docs/pilot-cpu-scale.md) context 128, epochs {8, 16}, wd {0.1, 0.8, 1.6}, K = 3, but D = 100k and
+    # the ladder hidden 32 / 64 / 128 (the pilot's hidden 192 alone would take as long as the other two sizes).
+    # One lr (the pilot's 3e-3): the lr axis would triple the runs.
     "tiny": StudyProfile(
-        name="tiny", presets=("cpu-xs", "cpu-s", "cpu-m"), tokens=200_000, vocab_size=2048, max_chars=8_000_000,
+        name="tiny", presets=("cpu-xxs", "cpu-xs", "cpu-s"), tokens=100_000, vocab_size=2048, max_chars=8_000_000,
         val_tokens=50_000, context=128, batch_size=32, epochs=(8, 16), lrs=(3e-3,), wds=(0.1, 0.8, 1.6),
-        start=(8, 3e-3, 0.8), k_max=3, joint_members=False, budgets=(50_000, 100_000),
-        budget_presets=("cpu-xs", "cpu-s"), distill_preset="cpu-xs", synthetic_tokens=400_000,
+        start=(8, 3e-3, 0.8), k_max=3, joint_members=False, budgets=(25_000, 50_000),
+        budget_presets=("cpu-xxs", "cpu-xs"), distill_preset="cpu-xs", synthetic_tokens=400_000,
         synthetic_shard_tokens=50_000, student_epochs=8, student_wd=0.1, distill_w=0.75,
         eval_tasks=("piqa", "arc_easy", "arc_challenge", "openbook_qa", "copa", "lambada_openai"), eval_limit=500),
     # One GPU, hours: the top of the CPU ladder and the smallest paper shape, 20M tokens.

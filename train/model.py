@@ -33,6 +33,7 @@ class Shape:
 
 PRESETS: dict[str, Shape] = {
     # CPU ladder (head_dim 32 or 64)
+    "cpu-xxs": Shape(hidden=32, mlp=128, heads=1, kv_heads=1, layers=4),
     "cpu-xs": Shape(hidden=64, mlp=256, heads=2, kv_heads=2, layers=4),
     "cpu-s": Shape(hidden=128, mlp=512, heads=4, kv_heads=4, layers=4),
     "cpu-m": Shape(hidden=192, mlp=768, heads=6, kv_heads=6, layers=4),
