@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 
-from serve.pack import PackError, read_config, weight_shapes
+from serve.pack import PackError, check_weights, read_config
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ class EnsembleConfig:
 
     def check(self) -> None:
         read_config(self.model_dir)  # a clear error for a directory that is not a model
-        weight_shapes(self.model_dir)  # a truncated or corrupt weights file is named before any engine starts
+        check_weights(self.model_dir)  # a truncated, damaged or corrupt weights file is named before any engine starts
         if self.replicas < 1:
             raise PackError(f"replicas must be >= 1 (got {self.replicas})")
         if not 0 < self.port < 65536:

@@ -2,7 +2,8 @@
 
 Layout of an ensemble directory (a Hugging Face model directory):
     config.json        the members' Llama config, "architectures": ["ChorusEnsembleForCausalLM"] and
-                       "chorus_ensemble": {"members": K, "combine": "logits"|"probs", "member_sha256": [...]}
+                       "chorus_ensemble": {"members": K, "combine": "logits"|"probs", "member_sha256": [...],
+                       "weights_sha256": sha256 of model.safetensors (check_weights verifies it before loading)}
     model.safetensors  member i's weights under the prefix "m{i}." (m0, m1, ...: vLLM's CPU runner wants
                        exactly one integer per layer name, the layer index, so "members.0" would not do)
     tokenizer files    copied from the first member (all members must share the tokenizer)
@@ -82,6 +83,35 @@ def weight_shapes(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
         raise PackError(f"weights file {path} is truncated or corrupt: {e}") from None
 
 
+def recorded_sha256(model_dir: str | Path) -> tuple[str, str] | None:
+    """(sha256 of model.safetensors, where it was recorded) as written when the directory was made, if it was:
+    a pack records it in config.json, train/ in chorus_run.json."""
+    model_dir = Path(model_dir)
+    packed = read_config(model_dir).get("chorus_ensemble", {}).get("weights_sha256")
+    if packed:
+        return packed, str(model_dir / "config.json")
+    run_record = model_dir / "chorus_run.json"
+    if run_record.exists():
+        recorded = json.loads(run_record.read_text()).get("weights_sha256")
+        if recorded:
+            return recorded, str(run_record)
+    return None
+
+
+def check_weights(model_dir: str | Path) -> dict[str, tuple[int, ...]]:
+    """The integrity check every loader runs first: the header parses and covers the file (weight_shapes), and the
+    bytes hash to what was recorded when the directory was made, so a flipped bit inside a tensor is named too.
+    Returns the weight shapes."""
+    shapes = weight_shapes(model_dir)
+    recorded = recorded_sha256(model_dir)
+    if recorded:
+        path = Path(model_dir) / WEIGHTS
+        if sha256_file(path) != recorded[0]:
+            raise PackError(f"weights file {path} is corrupt: its sha256 differs from the one recorded in {recorded[1]} "
+                            "(damaged or modified after it was written); re-pack or retrain it")
+    return shapes
+
+
 def check_members(member_dirs: list[Path]) -> None:
     """Refuse members that differ in architecture, config, weight shapes or tokenizer, naming the difference."""
     first = member_dirs[0]
@@ -89,7 +119,7 @@ def check_members(member_dirs: list[Path]) -> None:
     if config0.get("model_type") != "llama" or "chorus_ensemble" in config0:
         raise PackError(f"{first} is not a Llama member (model_type {config0.get('model_type')!r}); "
                         "pack member directories, not ensembles")
-    shapes0 = weight_shapes(first)
+    shapes0 = check_weights(first)
     tok0 = tokenizer_hash(first)
     for other in member_dirs[1:]:
         config = read_config(other)
@@ -101,7 +131,7 @@ def check_members(member_dirs: list[Path]) -> None:
         if config.get("architectures") != config0.get("architectures"):
             raise PackError(f"members {first} and {other} differ in architecture "
                             f"({config0.get('architectures')} vs {config.get('architectures')})")
-        shapes = weight_shapes(other)
+        shapes = check_weights(other)
         if shapes != shapes0:
             names = sorted(n for n in set(shapes) | set(shapes0) if shapes.get(n) != shapes0.get(n))
             raise PackError(f"members {first} and {other} differ in weight shapes: "
@@ -129,7 +159,9 @@ def pack_ensemble(member_dirs: list[str | Path], out_dir: str | Path, combine: s
 
     out_dir = Path(out_dir)
     if out_dir.exists():
-        if (out_dir / "config.json").exists() and read_config(out_dir).get("chorus_ensemble") == block:
+        existing = read_config(out_dir).get("chorus_ensemble", {}) if (out_dir / "config.json").exists() else {}
+        if {k: v for k, v in existing.items() if k != "weights_sha256"} == block:
+            check_weights(out_dir)
             log.info("%s already holds this ensemble; reusing it", out_dir)
             return out_dir
         raise PackError(f"{out_dir} already exists and holds something else; delete it or choose another --out")
@@ -146,7 +178,7 @@ def pack_ensemble(member_dirs: list[str | Path], out_dir: str | Path, combine: s
     save_file(weights, tmp / WEIGHTS, metadata={"format": "pt"})
     config = read_config(member_dirs[0])
     config["architectures"] = [ARCHITECTURE]
-    config["chorus_ensemble"] = block
+    config["chorus_ensemble"] = {**block, "weights_sha256": sha256_file(tmp / WEIGHTS)}  # check_weights reads it
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     os.replace(tmp, out_dir)  # the directory appears whole or not at all
     log.info("packed %d members (%s combine) into %s", len(member_dirs), combine, out_dir)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from serve.pack import (COMBINE_RULES, WEIGHTS, PackError, ensemble_info, member_prefix, read_config,
-                        weight_shapes)
+                        check_weights)
 
 
 def combine_member_logits(logits: torch.Tensor, combine: str) -> torch.Tensor:
@@ -48,7 +48,7 @@ class ReferenceEnsemble:
     @classmethod
     def from_members(cls, member_dirs: list[str | Path], combine: str = "logits") -> "ReferenceEnsemble":
         for d in member_dirs:
-            weight_shapes(d)  # a truncated or corrupt weights file is named, not a bare deserializer error
+            check_weights(d)  # a truncated, damaged or corrupt weights file is named, not a bare deserializer error
         members = [LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32) for d in member_dirs]
         return cls(members, combine)
 
@@ -60,7 +60,7 @@ class ReferenceEnsemble:
         if "chorus_ensemble" not in read_config(path):
             return cls.from_members([path], combine or info["combine"])
         config = member_config(read_config(path))
-        weight_shapes(path)  # names a truncated or corrupt weights file
+        check_weights(path)  # names a truncated, damaged or corrupt weights file
         weights = load_file(path / WEIGHTS)
         members = []
         for i in range(info["members"]):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from serve.pack import (WEIGHTS, PackError, ensemble_info, member_prefix, read_config, weight_shapes,
+from serve.pack import (WEIGHTS, PackError, ensemble_info, member_prefix, read_config, check_weights,
                         weights_sha256)
 from train.data import tokenizer_hash
 
@@ -42,7 +42,7 @@ def read_teacher(path: str | Path) -> Teacher:
         raise TeacherError(f"teacher {path} is not a directory")
     try:
         config = read_config(path)
-        weight_shapes(path)  # a truncated or corrupt weights file is named before any engine starts
+        check_weights(path)  # a truncated, damaged or corrupt weights file is named before any engine starts
         sha = weights_sha256(path)
     except PackError as e:
         raise TeacherError(f"teacher {path} is not a model directory: {e}") from None

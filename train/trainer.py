@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
-from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
+from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, sha256_file, windows
 from train.model import flops_per_token, get_shape, llama_config
 
 log = logging.getLogger(__name__)
@@ -284,13 +284,14 @@ def train_loop(cfg: TrainConfig, run_dir: str | Path, batches: BatchSource, val:
     final = run_dir / "model"
     tmp = run_dir / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.to("cpu").save_pretrained(tmp, safe_serialization=True)
+    model.to("cpu").save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")  # one file: pack reads it
     shutil.copytree(Path(cfg.data_dir) / "tokenizer", tmp, dirs_exist_ok=True)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     result = {"val_loss": val_loss, "steps": total, "model_dir": str(final.resolve()),
               "non_embedding_params": get_shape(cfg.preset).non_embedding_params(),
-              "tokenizer_sha256": manifest["tokenizer_sha256"], "config": cfg.identity()}
+              "tokenizer_sha256": manifest["tokenizer_sha256"], "config": cfg.identity(),
+              "weights_sha256": sha256_file(final / "model.safetensors")}  # loaders verify it (serve.pack.check_weights)
     (final / "chorus_run.json").write_text(json.dumps(result, indent=1))
     tmp_result = result_path.with_suffix(".json.tmp")
     tmp_result.write_text(json.dumps(result, indent=1))

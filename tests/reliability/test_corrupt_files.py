@@ -2,8 +2,8 @@
 
 Weights (a member's or a packed ensemble's model.safetensors), token shards and manifests (a train/
 dataset's and a synthetic job's) are truncated or overwritten, and every reader that opens them must
-raise an error that names the damaged file, before any engine starts. (Bit flips inside a shard are
-already covered by tests/train/test_data.py and tests/synthdata/; kill -9 resumes by tests/train,
+raise an error that names the damaged file, before any engine starts; a bit flipped inside a tensor is caught
+by the sha256 recorded when the weights were written. (Bit flips inside a shard are already covered by tests/train/test_data.py and tests/synthdata/; kill -9 resumes by tests/train,
 tests/synthdata and tests/distill.)
 """
 from __future__ import annotations
@@ -43,7 +43,15 @@ def garble_header(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
-DAMAGE = {"truncated": truncate, "garbled header": garble_header}
+def flip_bit_in_tensor(path: Path) -> None:
+    """Flip one bit inside the tensor data: the header still parses and covers the file, so only the recorded
+    sha256 (written by train/ and by pack) can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) - 5] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {"truncated": truncate, "garbled header": garble_header, "bit flip in a tensor": flip_bit_in_tensor}
 
 
 @pytest.fixture(params=["member", "packed ensemble"])

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from serve.pack import PackError, ensemble_members, pack_ensemble, weights_sha256
 from serve.reference import ReferenceEnsemble, combine_member_logits
-from train.data import load_tokens
+from train.data import load_tokens, sha256_file
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 
@@ -24,7 +24,8 @@ def test_pack_layout(tiny_members, tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["architectures"] == ["ChorusEnsembleForCausalLM"]
     assert config["chorus_ensemble"] == {"members": 3, "combine": "probs",
-                                         "member_sha256": [weights_sha256(m) for m in tiny_members]}
+                                         "member_sha256": [weights_sha256(m) for m in tiny_members],
+                                         "weights_sha256": sha256_file(out / "model.safetensors")}
     assert ensemble_members(out) == 3 and ensemble_members(tiny_members[0]) == 1
     with safe_open(out / "model.safetensors", framework="pt") as f, \
             safe_open(tiny_members[1] / "model.safetensors", framework="pt") as m1:
