@@ -4,10 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from pathlib import Path
 
 from bench.fits import FitError, data_efficiency, fit_power_law
+from train.console import exit_on, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -145,14 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     from bench.evaluate import EvalError
     from serve.pack import PackError
     from train.data import DataError
 
-    try:
+    with exit_on(EvalError, FitError, PointsError, DataError, PackError):
         args.func(args)
-    except (EvalError, FitError, PointsError, DataError, PackError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

@@ -14,12 +14,13 @@ import json
 import logging
 import os
 import socket
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from train.console import exit_on, setup_logging
 
 log = logging.getLogger("chorus")
 
@@ -278,15 +279,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tasks", nargs="*", default=[], help="extra downstream task files (JSON lines)")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg = PipelineConfig(out=args.out, corpus=tuple(args.corpus), preset=args.preset, tokens=args.tokens,
                          epochs=args.epochs, lr=args.lr, wd=args.wd, k=args.k, synthetic_tokens=args.synthetic_tokens,
                          w=args.w, student_preset=args.student_preset, tasks=tuple(args.tasks), address=args.address)
-    try:
+    with exit_on(ValueError):  # every stage's input errors are ValueErrors that name the problem
         run(cfg)
-    except ValueError as e:  # every stage's input errors are ValueErrors that name the problem
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.console import exit_on, setup_logging
 from train.search import Ledger
 
 log = logging.getLogger("bench.study")
@@ -418,8 +419,6 @@ class Study:
 
 
 # ---- the report ----------------------------------------------------------------------------------
-
-# ---- the report ----------------------------------------------------------------------------------
 # N is in non-embedding parameters and D in tokens, scaled as the paper scales them (billions) at GPU sizes and
 # in millions at CPU sizes: the fit's p0 = [1, 0.5, 2] only converges when x is of order one.
 
@@ -641,8 +640,15 @@ def runs_so_far(out: Path) -> str:
 
 
 def build_report(results: dict, out: Path, cfg: StudyConfig, n_boot: int) -> Path:
-    from bench.report import (efficiency_table, fit_table, joint_limit_table, markdown_table,
-                              plot_data_efficiency, plot_scaling, write_text)
+    from bench.report import (
+        efficiency_table,
+        fit_table,
+        joint_limit_table,
+        markdown_table,
+        plot_data_efficiency,
+        plot_scaling,
+        write_text,
+    )
 
     a = analyze(results, n_boot)
     profile = results["profile"]
@@ -702,7 +708,7 @@ def build_report(results: dict, out: Path, cfg: StudyConfig, n_boot: int) -> Pat
             k_rows = [r for r in results["ensembles"][top] if r["k"] == profile["k_max"]]
             fit = a.per_k[top][2]
             rows.append([f"ensemble ({top}, K -> inf)", f"{k_rows[0]['loss']:.4f} (K={profile['k_max']})",
-                         fit.asymptote(), "; ".join(fit.flags) or "ok", *eff_of(f"ensemble K -> inf")])
+                         fit.asymptote(), "; ".join(fit.flags) or "ok", *eff_of("ensemble K -> inf")])
         if a.joint is not None:
             rows.append(["joint (N, K -> inf)", "", a.joint.asymptote(), "; ".join(a.joint.flags) or "ok",
                          *eff_of("joint")])
@@ -910,8 +916,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(args.verbose)
     profile = PROFILES[args.profile]
     if args.max_chars is not None:
         profile = dataclasses.replace(profile, max_chars=args.max_chars)
@@ -925,7 +930,7 @@ def main(argv: list[str] | None = None) -> None:
     from train.data import DataError
     from train.model import ShapeError
 
-    try:
+    with exit_on(StudyError, DataError, ShapeError, JobError, DistillError):
         if args.report_only:
             path = Path(args.out) / "results.json"
             if not path.exists():
@@ -933,9 +938,6 @@ def main(argv: list[str] | None = None) -> None:
             print(write_report(json.loads(path.read_text()), args.out, cfg))
             return
         results = run_study(cfg)
-    except (StudyError, DataError, ShapeError, JobError, DistillError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps({"report": str(Path(args.out) / "REPORT.md"), "phases_done": results["phases_done"],
                       "trained": results["trained_last_invocation"],
                       "evaluated": results["evaluated_last_invocation"]}))

@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> None:
                "threads": args.threads, "gemm_peak_gflops": peak / 1e9, "train_tokens_per_s": tps,
                "flops_per_token": fpt, "achieved_gflops": tps * fpt / 1e9, "mfu": mfu, "target_mfu": 0.30,
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__}
-    print(f"| preset | threads | fp32 GEMM peak | train tokens/s | achieved | MFU (target >= 30%) |")
-    print(f"|---|---:|---:|---:|---:|---:|")
+    print("| preset | threads | fp32 GEMM peak | train tokens/s | achieved | MFU (target >= 30%) |")
+    print("|---|---:|---:|---:|---:|---:|")
     print(f"| {args.preset} | {args.threads} | {peak / 1e9:.1f} GFLOP/s | {tps:,.0f} | {tps * fpt / 1e9:.1f} GFLOP/s "
           f"| {mfu:.1%} {'PASS' if mfu >= 0.30 else 'BELOW TARGET'} |")
     if args.json:

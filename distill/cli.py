@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 
 from distill.student import RECIPES, DistillConfig, DistillError, distill
 from train.cli import add_train_args, train_config_from_args
+from train.console import exit_on, setup_logging
 from train.data import DataError
 from train.model import ShapeError, get_shape
 
@@ -34,15 +33,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    setup_logging(args.verbose)
+    with exit_on(DistillError, DataError, ShapeError):
         get_shape(args.preset)
         cfg = DistillConfig(train=train_config_from_args(args, args.seed), synthetic_dir=args.synthetic,
                             recipe=args.recipe, w=args.w)
         result = distill(cfg, args.out)
-    except (DistillError, DataError, ShapeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps({"val_loss": result["val_loss"], "model_dir": result["model_dir"],
                       "synthetic_fraction": result["mixture"]["synthetic_fraction"], "steps": result["steps"]}))

@@ -114,8 +114,8 @@ class EnsembleServer:
 
     async def __init__(self, config: EnsembleConfig):
         from vllm.engine.arg_utils import AsyncEngineArgs
-        from vllm.entrypoints.launchers.app import build_app as build_vllm_app
         from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.app import build_app as build_vllm_app
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
         from vllm.usage.usage_lib import UsageContext
         from vllm.utils.argparse_utils import FlexibleArgumentParser

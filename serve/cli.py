@@ -2,11 +2,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
-import sys
 import time
 
 from serve.pack import COMBINE_RULES, PackError, pack_ensemble
+from train.console import exit_on, setup_logging
 
 
 def cmd_pack(args) -> None:
@@ -66,10 +65,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    setup_logging(args.verbose)
+    with exit_on(PackError):
         args.func(args)
-    except PackError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

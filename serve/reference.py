@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from serve.pack import (COMBINE_RULES, WEIGHTS, PackError, ensemble_info, member_prefix, read_config,
-                        check_weights)
+from serve.pack import COMBINE_RULES, WEIGHTS, PackError, check_weights, ensemble_info, member_prefix, read_config
 
 
 def combine_member_logits(logits: torch.Tensor, combine: str) -> torch.Tensor:

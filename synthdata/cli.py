@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import sys
 
 from synthdata.job import MODES, GenerateConfig, JobError, generate
 from synthdata.teacher import TeacherError
+from train.console import exit_on, setup_logging
 from train.data import DataError
 
 
@@ -64,11 +63,7 @@ def cmd_check(args) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    setup_logging(args.verbose)
+    with exit_on(JobError, TeacherError, DataError):
         summary = args.func(args)
-    except (JobError, TeacherError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
     print(json.dumps(summary))

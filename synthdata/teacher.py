@@ -15,8 +15,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file, save_file
 
-from serve.pack import (WEIGHTS, PackError, ensemble_info, member_prefix, read_config, check_weights,
-                        weights_sha256)
+from serve.pack import WEIGHTS, PackError, check_weights, ensemble_info, member_prefix, read_config, weights_sha256
 from train.data import tokenizer_hash
 
 

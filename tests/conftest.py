@@ -135,3 +135,32 @@ def loopback_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# ---- kill -9 and resume --------------------------------------------------------------------------
+
+def kill_once_past_checkpoint(cmd: list[str], out: Path, timeout_s: float, **popen) -> None:
+    """Start a training command (train/ or distill/) and kill -9 it once a checkpoint exists and training has
+    moved past it, so the resume must both reload the checkpoint and redo the steps after it."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if (out / "checkpoint.json").exists():
+            ckpt_step = json.loads((out / "checkpoint.json").read_text())["step"]
+            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+            if ckpt_step >= 10 and lines and json.loads(lines[-1])["step"] > ckpt_step:
+                break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "result.json").exists(), "the run finished before it could be killed; make it longer"
+
+
+@pytest.fixture
+def kill_past_checkpoint():
+    return kill_once_past_checkpoint

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
+from train.console import exit_on, setup_logging
 from train.corpus import CorpusError, default_corpus
 from train.data import DataError, DatasetSpec, prepare_dataset
 from train.model import PRESETS, ShapeError, get_shape
@@ -141,10 +141,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
+    setup_logging(args.verbose)
+    with exit_on(CorpusError, DataError, ShapeError):
         args.func(args)
-    except (CorpusError, DataError, ShapeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)

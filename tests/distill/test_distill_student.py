@@ -3,11 +3,8 @@ before any training (tokenizer, w, missing real data, empty synthetic data)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -95,7 +92,7 @@ def _distill_cmd(cfg: TrainConfig, synthetic: Path, out: Path, w: float) -> list
             "--synthetic", str(synthetic), "--w", str(w), "--out", str(out)]
 
 
-def test_student_resumes_exactly_after_kill(tiny_dataset, synthetic_job, tmp_path):
+def test_student_resumes_exactly_after_kill(tiny_dataset, synthetic_job, tmp_path, kill_past_checkpoint):
     cfg, synthetic = _student_cfg(tiny_dataset), synthetic_job["out"]
     reference = distill(DistillConfig(replace(cfg, log_every=10), str(synthetic), "ensemble", 0.75),
                         tmp_path / "uninterrupted", progress=False)
@@ -107,19 +104,7 @@ def test_student_resumes_exactly_after_kill(tiny_dataset, synthetic_job, tmp_pat
     assert record["w"] == 0.75 and record["teacher_members"] == 3 and len(record["synthetic_manifest_sha256"]) == 64
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(_distill_cmd(cfg, synthetic, out, 0.75), cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill -9 once a checkpoint exists and training has moved past it
-        if (out / "checkpoint.json").exists():
-            ckpt_step = json.loads((out / "checkpoint.json").read_text())["step"]
-            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-            if ckpt_step >= 10 and lines and json.loads(lines[-1])["step"] > ckpt_step:
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "result.json").exists(), "the run finished before it could be killed; make it longer"
+    kill_past_checkpoint(_distill_cmd(cfg, synthetic, out, 0.75), out, 300, cwd=REPO)
     res = subprocess.run(_distill_cmd(cfg, synthetic, out, 0.75), cwd=REPO, capture_output=True, text=True,
                          timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]

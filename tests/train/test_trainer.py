@@ -3,10 +3,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -72,25 +70,13 @@ def _member_cmd(cfg: TrainConfig, out: Path) -> list[str]:
             "--out", str(out)]
 
 
-def test_resume_after_kill_matches_uninterrupted_run(tiny_dataset, tmp_path):
+def test_resume_after_kill_matches_uninterrupted_run(tiny_dataset, tmp_path, kill_past_checkpoint):
     cfg = _cfg(tiny_dataset)
     reference = train_member(dataclass_replace(cfg, log_every=10), tmp_path / "uninterrupted", progress=False)
 
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen(_member_cmd(cfg, out), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline:  # kill -9 once a checkpoint exists and training has moved past it
-        if (out / "checkpoint.json").exists():
-            ckpt_step = json.loads((out / "checkpoint.json").read_text())["step"]
-            lines = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
-            if ckpt_step >= 10 and lines and json.loads(lines[-1])["step"] > ckpt_step:
-                break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (out / "result.json").exists(), "the run finished before it could be killed; make it longer"
+    kill_past_checkpoint(_member_cmd(cfg, out), out, 120, cwd=REPO, env=env)
     assert (out / "checkpoint.json").exists()
 
     res = subprocess.run(_member_cmd(cfg, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
