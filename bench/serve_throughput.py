@@ -1,19 +1,31 @@
-"""Decode throughput of the ensemble engine against one member alone and a Python logit-averaging loop.
+"""Serving throughput of the ensemble engine against one member alone and against Python logit-averaging loops.
 
-    .venv/bin/python -m bench.serve_throughput --members M0 M1 M2 M3 [--sequences 32] [--new-tokens 96]
+    .venv/bin/python -m bench.serve_throughput --members M0 M1 M2 [--requests 32] [--repeats 3] [--out FILE]
 
-In one run, at the same load (the same number of sequences decoded together, each generating the
-same number of tokens from BOS, sampled at temperature 1 with ignore_eos):
-1. vLLM engine on one member alone (the plain Llama directory);
-2. vLLM engine on the packed ensemble for K = 1, 2, 4 (members are reused in order when fewer are given);
-3. a token-by-token Hugging Face loop (each member's forward with its own KV cache, logits averaged in
-   Python, then sampled) for the same K.
-Targets: ensemble >= 0.8 x single / K; engine >= 10 x the Python loop at the same K. The loop runs torch
-on as many threads as the engine's worker computes on (vLLM's CPU build reserves one core for its engine
-core: cores - 1, at least 1), so both get the same compute. Engine start-up is excluded; one warm-up
-batch precedes the timings, and each figure is the median of `--repeats` timed runs (the box may be
-shared). Memory per engine is the resident memory of the engine's processes (engine core and worker)
-once it is loaded, with its KV cache. Prints a Markdown table and writes the records as JSON.
+The load: `--requests` concurrent requests offered at once, drawn with a fixed seed. Each prompt is BOS
+followed by token ids sampled from the tokenizer's ordinary (non-special) vocabulary, its length uniform in
+`--prompt-len`; each request's max_tokens is uniform in `--new-tokens`; temperature 1 and ignore_eos, so the
+work is exactly the requested tokens. The same load is served, in one run, by:
+1. the vLLM engine on one member alone (the plain Llama directory);
+2. the vLLM engine on the packed ensemble for K = 1, 2, 4 (members are reused in order when fewer are given),
+   given all requests at once (one SamplingParams per request; the engine batches them continuously);
+3. the per-request loop: what a token-by-token Hugging Face generate loop does with concurrent requests. It
+   serves them one after another at batch size 1 (prefill the prompt, then one step per token), each of the
+   K members with its own KV cache, the members' logits averaged in Python, then softmax + multinomial.
+   **The target "engine >= 10x the Python loop at the same load" is judged against this loop.**
+4. the static-batch loop: the same loop with all requests in one left-padded batch (attention mask and
+   position ids as Hugging Face generate builds them), decoded until the longest max_tokens. Only the
+   requested tokens count; the rest is padding work. This is the best a loop does without re-implementing
+   continuous batching, so the engine's ratio against it is reported too.
+Targets: ensemble >= 0.8 x single / K; engine >= 10 x the per-request loop at the same K.
+
+Throughput is requested (useful) tokens over wall time, prompts' prefill included, for every row. The loops
+run torch on as many threads as the engine's worker computes on (vLLM's CPU build reserves one core for its
+engine core: cores - 1, at least 1), so both get the same compute. Engine start-up is excluded; one warm-up
+precedes the timings, and each figure is the median of `--repeats` timed runs (`--loop-repeats` for the slow
+per-request loop; the box may be shared). Memory per engine is the resident memory of the engine's processes
+(engine core and worker) once it is loaded, with its KV cache. Prints a Markdown table and writes the
+records as JSON.
 """
 from __future__ import annotations
 
@@ -21,19 +33,38 @@ import argparse
 import json
 import logging
 import os
+import random
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import torch
 
 from serve.engine import offline_engine
-from serve.pack import pack_ensemble
+from serve.pack import pack_ensemble, read_config
 from train.data import load_tokenizer
 
 log = logging.getLogger(__name__)
 KS = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: tuple[int, ...]  # BOS first
+    max_tokens: int
+
+
+def make_load(tokenizer, requests: int, prompt_lens: tuple[int, int], new_tokens: tuple[int, int],
+              seed: int) -> list[Request]:
+    """`requests` requests with prompt lengths (BOS included) and max_tokens uniform in the given ranges."""
+    rng = random.Random(seed)
+    special = set(tokenizer.all_special_ids)
+    ordinary = [i for i in range(len(tokenizer)) if i not in special]
+    return [Request(prompt=(tokenizer.bos_token_id, *rng.choices(ordinary, k=rng.randint(*prompt_lens) - 1)),
+                    max_tokens=rng.randint(*new_tokens))
+            for _ in range(requests)]
 
 
 def engine_memory_mib() -> float:
@@ -42,57 +73,99 @@ def engine_memory_mib() -> float:
     return sum(c.memory_info().rss for c in children if c.is_running()) / 2**20
 
 
-def median_rate(run, repeats: int) -> dict:
-    """Time `run()` (which returns tokens generated) `repeats` times; the median run's rate."""
+def median_rate(run, repeats: int, expected_tokens: int) -> dict:
+    """Time `run()` (which returns the tokens it generated) `repeats` times; the median run's rate."""
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()
         generated = run()
         timings.append((time.perf_counter() - start, generated))
+        # A rate is only comparable if every contender produced exactly the requested tokens.
+        assert generated == expected_tokens, f"generated {generated} tokens, the load asks for {expected_tokens}"
     seconds, generated = sorted(timings)[len(timings) // 2]
     return {"tokens_per_s": generated / seconds, "generated_tokens": generated, "seconds": seconds,
             "all_tokens_per_s": [g / t for t, g in timings]}
 
 
-def engine_decode(model_dir: Path, bos: int, sequences: int, new_tokens: int, kv_cache_bytes: int,
-                  repeats: int) -> dict:
+def engine_serve(model_dir: Path, load: list[Request], max_model_len: int, kv_cache_bytes: int,
+                 repeats: int) -> dict:
+    """The whole load given to one vLLM engine at once."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    prompts = [TokensPrompt(prompt_token_ids=[bos])] * sequences
+    prompts = [TokensPrompt(prompt_token_ids=list(r.prompt)) for r in load]
     # No per-request seed: seeded requests are sampled one by one, which would tax the engine, not the model.
-    params = SamplingParams(temperature=1.0, max_tokens=new_tokens, ignore_eos=True)
-    with offline_engine(model_dir, max_model_len=new_tokens + 1, kv_cache_bytes=kv_cache_bytes,
-                        max_num_seqs=sequences) as llm:
-        llm.generate(prompts, params, use_tqdm=False)  # warm-up
-        rate = median_rate(lambda: sum(len(o.outputs[0].token_ids)
-                                       for o in llm.generate(prompts, params, use_tqdm=False)), repeats)
+    # No detokenizing: the loops return token ids too.
+    params = [SamplingParams(temperature=1.0, max_tokens=r.max_tokens, ignore_eos=True, detokenize=False)
+              for r in load]
+    with offline_engine(model_dir, max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
+                        max_num_seqs=len(load)) as llm:
+        def run() -> int:
+            return sum(len(o.outputs[0].token_ids) for o in llm.generate(prompts, params, use_tqdm=False))
+
+        run()  # warm-up
+        rate = median_rate(run, repeats, sum(r.max_tokens for r in load))
         return {**rate, "engine_rss_mib": engine_memory_mib()}
 
 
+def sample(generator: torch.Generator):
+    """Next tokens [B, 1] drawn from softmax(logits) at temperature 1."""
+    return lambda logits: torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)
+
+
+def greedy(logits: torch.Tensor) -> torch.Tensor:
+    """Next tokens [B, 1]: the argmax (deterministic; for checking the loops against each other)."""
+    return logits.argmax(dim=-1, keepdim=True)
+
+
+def ensemble_step(members: list, caches: list, input_ids: torch.Tensor, attention_mask=None,
+                  position_ids=None) -> torch.Tensor:
+    """Every member's forward on the new positions, each on its own KV cache; last-position logits averaged [B, V]."""
+    logits = []
+    for i, member in enumerate(members):
+        # logits_to_keep=1: only the last position goes through the LM head, as in Hugging Face generate.
+        out = member(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                     past_key_values=caches[i], use_cache=True, logits_to_keep=1)
+        caches[i] = out.past_key_values
+        logits.append(out.logits[:, -1])
+    return torch.stack(logits).mean(0)
+
+
 @torch.no_grad()
-def python_loop_decode(member_dirs: list[Path], bos: int, sequences: int, new_tokens: int, repeats: int) -> dict:
-    """The baseline: K Hugging Face models stepped one token at a time, logits averaged in Python."""
-    from transformers import LlamaForCausalLM
-
-    members = [LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval() for d in member_dirs]
-    generator = torch.Generator().manual_seed(0)
-
-    def run(steps: int) -> int:
-        tokens = torch.full((sequences, 1), bos, dtype=torch.long)
+def per_request_loop(members: list, load: list[Request], pick) -> list[list[int]]:
+    """Concurrent requests served one after another at batch size 1: each request's generated token ids."""
+    outputs = []
+    for request in load:
         caches = [None] * len(members)
-        for _ in range(steps):
-            logits = []
-            for i, m in enumerate(members):
-                out = m(input_ids=tokens[:, -1:], past_key_values=caches[i], use_cache=True)
-                caches[i] = out.past_key_values
-                logits.append(out.logits[:, -1])
-            probs = torch.softmax(torch.stack(logits).mean(0), dim=-1)
-            tokens = torch.cat([tokens, torch.multinomial(probs, 1, generator=generator)], dim=1)
-        return sequences * steps
+        next_ids, tokens = torch.tensor([request.prompt]), []
+        for _ in range(request.max_tokens):
+            next_ids = pick(ensemble_step(members, caches, next_ids))
+            tokens.append(next_ids.item())
+        outputs.append(tokens)
+    return outputs
 
-    run(2)  # warm-up
-    return median_rate(lambda: run(new_tokens), repeats)
+
+@torch.no_grad()
+def static_batch_loop(members: list, load: list[Request], pad_id: int, pick) -> list[list[int]]:
+    """All requests in one left-padded batch, stepped until the longest max_tokens: each request's own tokens."""
+    longest = max(len(r.prompt) for r in load)
+    input_ids = torch.tensor([[pad_id] * (longest - len(r.prompt)) + list(r.prompt) for r in load])
+    attention_mask = torch.tensor([[0] * (longest - len(r.prompt)) + [1] * len(r.prompt) for r in load])
+    caches, steps = [None] * len(members), []
+    for _ in range(max(r.max_tokens for r in load)):
+        # Positions count real tokens only, so a padded prompt sees the positions it would see alone.
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        input_ids = pick(ensemble_step(members, caches, input_ids, attention_mask, position_ids))
+        steps.append(input_ids)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(input_ids)], dim=1)
+    generated = torch.cat(steps, dim=1)
+    return [generated[i, :r.max_tokens].tolist() for i, r in enumerate(load)]
+
+
+def loop_serve(loop, load: list[Request], repeats: int) -> dict:
+    """Time `loop(load)` (a Python loop bound to its members and sampler) like an engine."""
+    loop([Request(r.prompt, 2) for r in load[:2]])  # warm-up
+    return median_rate(lambda: sum(len(tokens) for tokens in loop(load)), repeats, sum(r.max_tokens for r in load))
 
 
 def engine_compute_threads() -> int:
@@ -100,44 +173,66 @@ def engine_compute_threads() -> int:
     return max(1, (os.cpu_count() or 1) - 1)
 
 
-def measure(member_dirs: list[Path], work: Path, sequences: int, new_tokens: int, kv_cache_bytes: int,
-            repeats: int = 3) -> dict:
-    bos = load_tokenizer(member_dirs[0]).bos_token_id
+def measure(member_dirs: list[Path], work: Path, load: list[Request], kv_cache_bytes: int, repeats: int = 3,
+            loop_repeats: int = 3) -> dict:
+    from transformers import LlamaForCausalLM
+
     torch.set_num_threads(engine_compute_threads())
-    record = {"sequences": sequences, "new_tokens": new_tokens, "members_given": len(member_dirs),
-              "cpu_count": os.cpu_count(), "torch_threads_python_loop": torch.get_num_threads(), "repeats": repeats}
+    context = read_config(member_dirs[0])["max_position_embeddings"]
+    pad_id = load_tokenizer(member_dirs[0]).pad_token_id
+    useful_tokens = sum(r.max_tokens for r in load)
+    record = {"requests": len(load), "prompt_tokens": sum(len(r.prompt) for r in load),
+              "useful_tokens": useful_tokens,
+              "prompt_len_range": [min(len(r.prompt) for r in load), max(len(r.prompt) for r in load)],
+              "max_tokens_range": [min(r.max_tokens for r in load), max(r.max_tokens for r in load)],
+              # The static batch steps every request to the longest max_tokens; this share of its work is wanted.
+              "static_batch_useful_share": useful_tokens / (len(load) * max(r.max_tokens for r in load)),
+              "members_given": len(member_dirs), "cpu_count": os.cpu_count(),
+              "torch_threads_python_loop": torch.get_num_threads(), "repeats": repeats, "loop_repeats": loop_repeats}
     log.info("engine: one member alone")
-    record["single"] = engine_decode(member_dirs[0], bos, sequences, new_tokens, kv_cache_bytes, repeats)
+    record["single"] = engine_serve(member_dirs[0], load, context, kv_cache_bytes, repeats)
+    loaded = [LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval() for d in member_dirs]
+    generator = torch.Generator().manual_seed(0)
     for k in KS:
-        chosen = [member_dirs[i % len(member_dirs)] for i in range(k)]
-        packed = pack_ensemble(chosen, work / f"ensemble-k{k}")
+        chosen = [i % len(member_dirs) for i in range(k)]
+        members = [loaded[i] for i in chosen]
+        packed = pack_ensemble([member_dirs[i] for i in chosen], work / f"ensemble-k{k}")
         log.info("engine: K=%d ensemble", k)
-        engine = engine_decode(packed, bos, sequences, new_tokens, kv_cache_bytes, repeats)
-        log.info("python loop: K=%d", k)
-        loop = python_loop_decode(chosen, bos, sequences, new_tokens, repeats)
+        engine = engine_serve(packed, load, context, kv_cache_bytes, repeats)
+        log.info("per-request loop: K=%d", k)
+        per_request = loop_serve(lambda rs: per_request_loop(members, rs, sample(generator)), load, loop_repeats)
+        log.info("static-batch loop: K=%d", k)
+        static_batch = loop_serve(lambda rs: static_batch_loop(members, rs, pad_id, sample(generator)), load, repeats)
         record[f"k{k}"] = {
-            "engine": engine, "python_loop": loop,
+            "engine": engine, "per_request_loop": per_request, "static_batch_loop": static_batch,
             "vs_single_over_k": engine["tokens_per_s"] / (record["single"]["tokens_per_s"] / k),
-            "vs_python_loop": engine["tokens_per_s"] / loop["tokens_per_s"],
+            "vs_per_request_loop": engine["tokens_per_s"] / per_request["tokens_per_s"],
+            "vs_static_batch_loop": engine["tokens_per_s"] / static_batch["tokens_per_s"],
         }
     return record
 
 
 def markdown(record: dict) -> str:
     single = record["single"]
-    lines = [f"{record['sequences']} sequences x {record['new_tokens']} new tokens, temperature 1, "
-             f"{record['cpu_count']} CPUs, Python loop on {record['torch_threads_python_loop']} torch thread(s), "
-             f"median of {record['repeats']} runs",
+    lo_p, hi_p = record["prompt_len_range"]
+    lo_n, hi_n = record["max_tokens_range"]
+    lines = [f"{record['requests']} concurrent requests, prompts {lo_p}-{hi_p} tokens ({record['prompt_tokens']:,} in all), "
+             f"max_tokens {lo_n}-{hi_n} ({record['useful_tokens']:,} tokens in all), temperature 1, ignore_eos; "
+             f"{record['cpu_count']} CPUs, loops on {record['torch_threads_python_loop']} torch thread(s); "
+             f"median of {record['repeats']} runs (per-request loop: {record['loop_repeats']}); "
+             f"static batch: {record['static_batch_useful_share']:.0%} of its decode steps are requested tokens",
              "",
              "| engine | tokens/s | engine RSS (MiB) | ensemble / (single / K) (target >= 0.8) | "
-             "Python loop tokens/s | engine / Python loop (target >= 10) |",
-             "|---|---|---|---|---|---|",
-             f"| single member | {single['tokens_per_s']:,.0f} | {single['engine_rss_mib']:,.0f} | - | - | - |"]
+             "per-request loop tokens/s | engine / per-request loop (target >= 10) | "
+             "static-batch loop tokens/s | engine / static-batch loop |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| single member | {single['tokens_per_s']:,.0f} | {single['engine_rss_mib']:,.0f} | - | - | - | - | - |"]
     for k in KS:
         r = record[f"k{k}"]
         lines.append(f"| ensemble K={k} | {r['engine']['tokens_per_s']:,.0f} | {r['engine']['engine_rss_mib']:,.0f} | "
-                     f"{r['vs_single_over_k']:.2f} | {r['python_loop']['tokens_per_s']:,.0f} | "
-                     f"{r['vs_python_loop']:.1f}x |")
+                     f"{r['vs_single_over_k']:.2f} | {r['per_request_loop']['tokens_per_s']:,.0f} | "
+                     f"{r['vs_per_request_loop']:.1f}x | {r['static_batch_loop']['tokens_per_s']:,.0f} | "
+                     f"{r['vs_static_batch_loop']:.1f}x |")
     return "\n".join(lines)
 
 
@@ -145,9 +240,14 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.serve_throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", nargs="+", required=True, help="member model directories (K=4 reuses them in order)")
-    parser.add_argument("--sequences", type=int, default=32, help="sequences decoded together (default 32)")
-    parser.add_argument("--new-tokens", type=int, default=96, help="tokens generated per sequence (default 96)")
+    parser.add_argument("--requests", type=int, default=32, help="concurrent requests in the load (default 32)")
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=(4, 32), metavar=("MIN", "MAX"),
+                        help="prompt length range, BOS included (default 4 32)")
+    parser.add_argument("--new-tokens", type=int, nargs=2, default=(16, 96), metavar=("MIN", "MAX"),
+                        help="max_tokens range per request (default 16 96); MAX + prompt MAX must fit the context")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the load (default 0)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is kept (default 3)")
+    parser.add_argument("--loop-repeats", type=int, help="timed runs of the slow per-request loop (default: --repeats)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="KV cache per engine in GiB (default 0.5)")
     parser.add_argument("--work", help="where packed ensembles go (default: a temporary directory)")
     parser.add_argument("--out", help="write the JSON record here")
@@ -157,11 +257,21 @@ def main(argv: list[str] | None = None) -> None:
     for m in members:
         if not (m / "config.json").exists():
             parser.error(f"member {m} is not a model directory (no config.json)")
-    if min(args.sequences, args.new_tokens, args.repeats) < 1:
-        parser.error("--sequences, --new-tokens and --repeats must be >= 1")
+    loop_repeats = args.loop_repeats or args.repeats
+    if min(args.requests, args.repeats, loop_repeats, *args.prompt_len, *args.new_tokens) < 1:
+        parser.error("--requests, --repeats, --loop-repeats, --prompt-len and --new-tokens must be >= 1")
+    if args.prompt_len[0] > args.prompt_len[1] or args.new_tokens[0] > args.new_tokens[1]:
+        parser.error("--prompt-len and --new-tokens take MIN MAX with MIN <= MAX")
+    context = read_config(members[0])["max_position_embeddings"]
+    if args.prompt_len[1] + args.new_tokens[1] > context:
+        parser.error(f"prompt MAX + new-tokens MAX = {args.prompt_len[1] + args.new_tokens[1]} exceeds the "
+                     f"members' context ({context})")
+    load = make_load(load_tokenizer(members[0]), args.requests, tuple(args.prompt_len), tuple(args.new_tokens),
+                     args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
-        record = measure(members, work, args.sequences, args.new_tokens, int(args.kv_cache_gib * 2**30), args.repeats)
+        record = measure(members, work, load, int(args.kv_cache_gib * 2**30), args.repeats, loop_repeats)
+    record["seed"] = args.seed
     print(markdown(record))
     if args.out:
         tmp_out = Path(args.out).with_suffix(".tmp")
