@@ -1,7 +1,7 @@
 """Member shapes: Llama (SwiGLU, RMSNorm, RoPE, untied embeddings) as Hugging Face `LlamaConfig`.
 
 Every preset's head size is one that vLLM's CPU attention serves, so a member trained here can be
-served as is. The CPU ladder spans ~0.26M to ~19M non-embedding parameters; the paper presets are
+served as is. The CPU ladder spans ~0.07M to ~19M non-embedding parameters; the paper presets are
 the shapes of ../shared/docs/paper-recipe.md.
 """
 from __future__ import annotations
