@@ -84,14 +84,17 @@ PROFILES: dict[str, StudyProfile] = {
         distill_preset="cpu-xs", synthetic_tokens=3_000, synthetic_shard_tokens=1_500, student_epochs=1,
         student_wd=0.1, distill_w=0.5, eval_tasks=("piqa", "arc_easy", "lambada_openai"), eval_limit=16,
         checkpoint_every=1000),
-    # Sized to finish within ~2 hours on this 2-core box with one core to spare (--parallel 1): the pilot's
-    # (../shared/docs/pilot-cpu-scale.md) context 128, epochs {8, 16}, wd {0.1, 0.8, 1.6}, K = 3, but D = 100k and
-    # the ladder hidden 32 / 64 / 128 (the pilot's hidden 192 alone would take as long as the other two sizes).
-    # One lr (the pilot's 3e-3): the lr axis would triple the runs.
+    # Sized to finish within ~2 hours on this 2-core box: the pilot's (../shared/docs/pilot-cpu-scale.md)
+    # context 128, epochs {8, 16}, K = 3, but D = 100k and the ladder hidden 32 / 64 / 128 (the pilot's hidden 192
+    # alone would take as long as the other two sizes). One lr (the pilot's 3e-3): the lr axis would triple the
+    # runs. wd goes up to the paper's 6.4 and the search starts at the middle of the paper's optima (16 epochs,
+    # wd 1.6): at D = 100k a 1M-parameter member has ~10 parameters per token, more than the paper's largest
+    # (1.4B on 200M), and a first run with wd <= 1.6 from (8, 0.8) stopped at cpu-s in a local optimum, (8, 0.1)
+    # at 5.511, while (16, 3.2) gives 5.267.
     "tiny": StudyProfile(
         name="tiny", presets=("cpu-xxs", "cpu-xs", "cpu-s"), tokens=100_000, vocab_size=2048, max_chars=8_000_000,
-        val_tokens=50_000, context=128, batch_size=32, epochs=(8, 16), lrs=(3e-3,), wds=(0.1, 0.8, 1.6),
-        start=(8, 3e-3, 0.8), k_max=3, joint_members=False, budgets=(25_000, 50_000),
+        val_tokens=50_000, context=128, batch_size=32, epochs=(8, 16), lrs=(3e-3,), wds=(0.1, 0.8, 1.6, 3.2, 6.4),
+        start=(16, 3e-3, 1.6), k_max=3, joint_members=False, budgets=(25_000, 50_000),
         budget_presets=("cpu-xxs", "cpu-xs"), distill_preset="cpu-xs", synthetic_tokens=400_000,
         synthetic_shard_tokens=50_000, student_epochs=8, student_wd=0.1, distill_w=0.75,
         eval_tasks=("piqa", "arc_easy", "arc_challenge", "openbook_qa", "copa", "lambada_openai"), eval_limit=500),

@@ -33,6 +33,10 @@ PLAIN_CHAT_TEMPLATE = (
 )
 
 
+class ServeError(RuntimeError):
+    """An endpoint that cannot start as asked (for example Serve already running on another port)."""
+
+
 @dataclass(frozen=True)
 class EnsembleConfig:
     model_dir: str
@@ -174,15 +178,38 @@ def start_app(config: EnsembleConfig, address: str | None = None) -> str:
 
     global _started_ray
     config.check()
-    if not ray.is_initialized():
+    started_ray, ran = not ray.is_initialized(), False
+    if started_ray:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         _started_ray = True
-    serve.start(http_options={"host": config.host, "port": config.port})
-    serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-    url = f"http://{config.host}:{config.port}"
-    wait_healthy(url)
+    try:
+        serve.start(http_options={"host": config.host, "port": config.port})
+        check_serve_http(config)
+        ran = True
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
+        url = f"http://{config.host}:{config.port}"
+        wait_healthy(url)
+    except BaseException:
+        # Leave nothing half-started: a later start_app in this process would find this Serve (and its proxy
+        # on this port) and wait on a port nobody listens on. What ran before this call is left alone.
+        if started_ray:
+            stop_app()
+        elif ran:
+            serve.delete(APP_NAME)
+        raise
     log.info("serving %s as %r at %s/v1", config.model_dir, config.model_name, url)
     return url
+
+
+def check_serve_http(config: EnsembleConfig) -> None:
+    """Serve keeps the HTTP options it was first started with (and only warns): refuse other ones by name."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client().http_config
+    if (running.host, running.port) != (config.host, config.port):
+        raise ServeError(f"Ray Serve already runs on this Ray cluster with HTTP on {running.host}:{running.port}, "
+                         f"not {config.host}:{config.port}: ask for that address, or stop that Serve first "
+                         f"(`serve shutdown`)")
 
 
 def stop_app() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from serve.app import ServeError
 from serve.pack import COMBINE_RULES, PackError, pack_ensemble
 from train.console import exit_on, setup_logging
 
@@ -66,5 +67,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    with exit_on(PackError):
+    with exit_on(PackError, ServeError):
         args.func(args)

@@ -15,7 +15,7 @@ import openai
 import pytest
 import torch
 
-from serve.app import EnsembleConfig, start_app, stop_app
+from serve.app import EnsembleConfig, ServeError, start_app, stop_app
 from serve.reference import ReferenceEnsemble
 from train.data import load_tokens
 
@@ -185,3 +185,12 @@ def test_lm_eval_local_completions_matches_in_process_scorer(endpoint, reference
     assert len(items) == MC_ITEMS
     assert served_correct == in_process_correct  # item by item, not only on average
     assert served == pytest.approx(in_process, abs=1e-12)
+
+
+def test_second_app_on_another_port_is_refused_by_name_and_the_first_keeps_serving(endpoint, tiny_ensemble):
+    # Serve keeps the HTTP options it started with and only logs a warning for new ones: without the check a
+    # second start would wait on a port no proxy listens on.
+    running_port = int(endpoint.rsplit(":", 1)[1])
+    with pytest.raises(ServeError, match=f"HTTP on 127.0.0.1:{running_port}"):
+        start_app(EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME, port=free_port()))
+    assert httpx.get(f"{endpoint}/health", timeout=10).status_code == 200
