@@ -846,6 +846,20 @@ def build_report(results: dict, out: Path, cfg: StudyConfig, n_boot: int) -> Pat
     return write_text(out / "REPORT.md", "\n".join(parts))
 
 
+def grid_edges(profile: dict, search: dict) -> str:
+    """'; at the edge here: ...' naming each regularized optimum that sits on the top of a searched axis."""
+    edges = []
+    for preset in profile["presets"]:
+        opt = search.get(preset, {}).get("regularized")
+        if opt is None:
+            continue
+        for axis, key in (("epochs", "epochs"), ("lrs", "lr"), ("wds", "wd")):
+            values = profile[axis]
+            if len(values) > 1 and opt[key] == max(values):
+                edges.append(f"{preset} at the top {key} ({opt[key]:g})")
+    return "; at the edge here: " + ", ".join(edges) if edges else ""
+
+
 def scale_notes(results: dict) -> str:
     """Why numbers at this profile's scale can differ from the paper's: what the grid leaves out."""
     p = results["profile"]
@@ -858,8 +872,10 @@ def scale_notes(results: dict) -> str:
         f"{p['vocab_size']}), not comparable in level with the paper's ~3.4.",
         f"- Points per curve: {len(p['presets'])} sizes and K <= {p['k_max']}. With 3 distinct x a 3-parameter law is an "
         "exact fit (flagged): its asymptote is a 3-point extrapolation and ranks recipes only roughly.",
-        f"- Search grid: epochs {p['epochs']}, lr {p['lrs']}, wd {p['wds']} (the paper's: 7 x 6 x 8). An optimum is "
-        "certified only within this grid; one at the grid's edge may lie beyond it.",
+        f"- Search grid: epochs {p['epochs']}, lr {p['lrs']}, wd {p['wds']} (the paper's: 7 x 6 x 8), from "
+        f"(epochs, lr, wd) = {tuple(p['start'])}. Coordinate descent is local: an optimum is certified against its "
+        "one-step neighbours in this grid only, so another start can certify another point, and one at the grid's "
+        f"edge may lie beyond it{grid_edges(p, search)}.",
         "- Ensemble members: " + ("the joint recipe (2x epochs, 0.5x wd of the single-model optimum)." if p["joint_members"]
                                   else "seeds of the single-model optimum, not the joint recipe (2x epochs would double "
                                        "the cost): the joint limit here is the K -> inf, N -> inf limit of those members."),
