@@ -610,10 +610,15 @@ def answers(results: dict, a: Analysis) -> list[str]:
         teacher, student = distilled["ensemble"]["teacher_loss"], distilled["ensemble"]["student_loss"]
         gain = member - teacher
         kept = (member - student) / gain if gain > 0 else math.nan
-        text = (f"**How much of the ensemble gain does the student keep?** {kept:.0%} " if math.isfinite(kept)
+        text = (f"**How much of the ensemble gain does the student keep?** {_percent(kept)} " if math.isfinite(kept)
                 else "**How much of the ensemble gain does the student keep?** n/a (no ensemble gain) ")
         text += (f"at N={dp}: member (regularized, seed 0) {member:.4f}, {distilled['ensemble']['teacher_members']}-member "
                  f"teacher {teacher:.4f}, student {student:.4f} (kept = (member - student) / (member - teacher)).")
+        seeds = [m["val_loss"] for m in results.get("members", {}).get(dp, [])]
+        if len(seeds) > 1 and (sum(seeds) / len(seeds)) > teacher:
+            mean = sum(seeds) / len(seeds)
+            text += (f" Against the mean of the teacher's {len(seeds)} members ({mean:.4f}; seeds "
+                     f"{' / '.join(f'{s:.4f}' for s in seeds)}) it keeps {_percent((mean - student) / (mean - teacher))}.")
         if "self" in distilled:
             s = distilled["self"]
             text += (f" Self-distillation: teacher {s['teacher_loss']:.4f} -> student {s['student_loss']:.4f} "
@@ -844,6 +849,10 @@ def build_report(results: dict, out: Path, cfg: StudyConfig, n_boot: int) -> Pat
     parts.append("## Where this disagrees with the paper, and why\n")
     parts.append(scale_notes(results))
     return write_text(out / "REPORT.md", "\n".join(parts))
+
+
+def _percent(fraction: float) -> str:
+    return f"{round(fraction, 2) + 0.0:.0%}"  # + 0.0: no "-0%"
 
 
 def grid_edges(profile: dict, search: dict) -> str:
