@@ -90,13 +90,15 @@ PROFILES: dict[str, StudyProfile] = {
     # runs. wd goes up to the paper's 6.4 and the search starts at the middle of the paper's optima (16 epochs,
     # wd 1.6): at D = 100k a 1M-parameter member has ~10 parameters per token, more than the paper's largest
     # (1.4B on 200M), and a first run with wd <= 1.6 from (8, 0.8) stopped at cpu-s in a local optimum, (8, 0.1)
-    # at 5.511, while (16, 3.2) gives 5.267.
+    # at 5.511, while (16, 3.2) gives 5.267. Synthetic tokens: enough for one pass of the student (782 real windows
+    # x 8 epochs x w / (1 - w) = 18.8k windows of 128): with 400k, each was used 6.2 times and the student kept 0%
+    # of the ensemble's gain (50% with 2.5M; BENCHMARKS.md, "Distillation").
     "tiny": StudyProfile(
         name="tiny", presets=("cpu-xxs", "cpu-xs", "cpu-s"), tokens=100_000, vocab_size=2048, max_chars=8_000_000,
         val_tokens=50_000, context=128, batch_size=32, epochs=(8, 16), lrs=(3e-3,), wds=(0.1, 0.8, 1.6, 3.2, 6.4),
         start=(16, 3e-3, 1.6), k_max=3, joint_members=False, budgets=(25_000, 50_000),
-        budget_presets=("cpu-xxs", "cpu-xs"), distill_preset="cpu-xs", synthetic_tokens=400_000,
-        synthetic_shard_tokens=50_000, student_epochs=8, student_wd=0.1, distill_w=0.75,
+        budget_presets=("cpu-xxs", "cpu-xs"), distill_preset="cpu-xs", synthetic_tokens=2_500_000,
+        synthetic_shard_tokens=250_000, student_epochs=8, student_wd=0.1, distill_w=0.75,
         eval_tasks=("piqa", "arc_easy", "arc_challenge", "openbook_qa", "copa", "lambada_openai"), eval_limit=500),
     # One GPU, hours: the top of the CPU ladder and the smallest paper shape, 20M tokens.
     "small": StudyProfile(
@@ -144,6 +146,14 @@ def _write_json(path: Path, record) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(record, indent=1))
     os.replace(tmp, path)
+
+
+def model_ids(model_dirs: list[str]) -> list[list]:
+    """What an evaluation is of: each model directory with its weights' recorded sha256, so that a model
+    retrained in place (same directory, new weights) is evaluated anew, not answered from the cache."""
+    from serve.pack import recorded_sha256
+
+    return [[str(d), (recorded_sha256(d) or (None,))[0]] for d in model_dirs]
 
 
 class EvalCache(Ledger):
@@ -291,7 +301,7 @@ class Study:
     def ensemble_loss(self, model_dirs: list[str]) -> float:
         from bench.evaluate import validation_loss
 
-        key = {"kind": "loss", "models": model_dirs, "combine": "logits"}
+        key = {"kind": "loss", "models": model_ids(model_dirs), "combine": "logits"}
         return self.evals.get(key, lambda: validation_loss(model_dirs, self.data_dir, "logits", progress=False))["loss"]
 
     def phase_ensembles(self) -> None:
@@ -394,7 +404,8 @@ class Study:
             return
         results = {}
         for name, dirs in self.downstream_models().items():
-            key = {"kind": "downstream", "models": dirs, "tasks": [str(t) for t in tasks], "limit": self.p.eval_limit}
+            key = {"kind": "downstream", "models": model_ids(dirs), "tasks": [str(t) for t in tasks],
+                   "limit": self.p.eval_limit}
             results[name] = self.evals.get(key, lambda: evaluate_downstream(
                 dirs, tasks, "logits", self.p.eval_limit, progress=False))
             log.info("downstream %s: %s", name, ", ".join(f"{t} {r['acc']:.3f}" for t, r in results[name].items()))

@@ -167,3 +167,17 @@ def test_partial_report_says_what_is_missing_and_lists_finished_runs(tmp_path):
     for png in ("loss_vs_n.png", "loss_vs_k.png", "joint_limit.png"):
         assert (tmp_path / png).read_bytes()[:8] == PNG_MAGIC
     assert not (tmp_path / "data_efficiency.png").exists()
+
+
+def test_eval_cache_keys_change_when_a_model_is_retrained_in_place(tmp_path):
+    # The cache is keyed by what was evaluated: a directory whose weights changed is another model.
+    from bench.study import model_ids
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (model / "chorus_run.json").write_text(json.dumps({"weights_sha256": "a" * 64}))
+    before = model_ids([str(model)])
+    (model / "chorus_run.json").write_text(json.dumps({"weights_sha256": "b" * 64}))
+    assert model_ids([str(model)]) != before
+    assert model_ids([str(model)]) == [[str(model), "b" * 64]]
