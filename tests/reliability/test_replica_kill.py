@@ -1,7 +1,8 @@
 """kill -9 of the Serve replica (the actor process holding the vLLM engine) while clients send requests.
 
-Clients must get answers or errors, never hang: requests in flight at the kill end within a bounded time
-and every request ends within the client timeout. Serve must start a new replica on its own and the app must
+Clients must get answers or errors, never hang: requests the killed replica held fail within a bounded
+time (others started around the kill may be routed to the new replica and succeed), and every request ends
+within the client timeout. Serve must start a new replica on its own and the app must
 serve again; the killed replica's engine processes must not outlive it. Slow: the new replica's engine
 start dominates (about a minute on a 2-core CPU box).
 """
@@ -98,8 +99,12 @@ def test_replica_kill_recovers_and_clients_get_errors_not_hangs(endpoint):
           f"recovered (first 200) after {recovery_s} s; after {dict(after)}")
     assert recovered_at is not None, f"no 200 within {RECOVERY_DEADLINE_S} s of the kill"
     assert before["ok"] > 0 and after["ok"] > 0 and set(after) == {"ok"}
-    assert in_flight and all(o != "ok" for _, _, o in in_flight), "requests in flight on the killed replica"
-    assert all(e - killed_at < 30 for _, e, _ in in_flight), "in-flight requests did not end promptly"
+    # A request whose client started before the kill may still end "ok": it reached the proxy after the kill
+    # and Serve's router, finding the replica dead, routed it to the new one (seen in CI: 2 of 8). What must
+    # not happen is a hang; and the requests the dead replica held must fail, promptly.
+    failed_in_flight = [r for r in in_flight if r[2] != "ok"]
+    assert failed_in_flight, f"no request in flight at the kill got an error: {in_flight}"
+    assert all(e - killed_at < 30 for _, e, _ in failed_in_flight), "in-flight requests did not fail promptly"
     assert all(e - s < CLIENT_TIMEOUT_S + 5 for s, e, _ in records)
     [new_replica] = replica_processes()
     assert new_replica.pid != replica.pid
