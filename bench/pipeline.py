@@ -223,14 +223,16 @@ def run(cfg: PipelineConfig) -> dict:
 
 def gain_sentence(s: dict) -> str:
     """What the student kept of the ensemble's gain over the best member, in words that cannot mislead."""
+    from bench.report import percent
+
     gain, kept = s["ensemble_gain"], s["student_keeps"]
     if gain <= 0:
         return f"The ensemble did not beat the best member here (gain {gain:.4f} nats): there is no gain to keep."
     text = f"Ensemble gain over the best member: {gain:.4f} nats. "
     if kept > 1:
-        return text + (f"The student is below the ensemble itself ({kept:.0%} of the gain): with w = "
+        return text + (f"The student is below the ensemble itself ({percent(kept)} of the gain): with w = "
                        f"{s['w']:g} it takes {1 / (1 - s['w']):g}x a member's optimizer steps, on fresh synthetic text.")
-    return text + f"The student keeps {kept:.0%} of it."
+    return text + f"The student keeps {percent(kept)} of it."
 
 
 def render_report(cfg: PipelineConfig, manifest: dict, s: dict, downstream: dict) -> str:

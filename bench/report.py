@@ -26,6 +26,11 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def percent(fraction: float) -> str:
+    """A fraction as a whole percentage; a value that rounds to zero reads "0%", never "-0%"."""
+    return f"{round(fraction, 2) + 0.0:.0%}"
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A GitHub Markdown table; floats to 4 significant digits, NaN as n/a."""
     lines = ["| " + " | ".join(map(_cell, headers)) + " |", "|" + "---|" * len(headers)]

@@ -551,6 +551,8 @@ def _eff_text(e) -> str:
 
 def answers(results: dict, a: Analysis) -> list[str]:
     """The issue's questions, answered from the numbers (or 'not run yet')."""
+    from bench.report import percent
+
     out = []
     search = results.get("search", {})
     profile = results["profile"]
@@ -621,7 +623,7 @@ def answers(results: dict, a: Analysis) -> list[str]:
         teacher, student = distilled["ensemble"]["teacher_loss"], distilled["ensemble"]["student_loss"]
         gain = member - teacher
         kept = (member - student) / gain if gain > 0 else math.nan
-        text = (f"**How much of the ensemble gain does the student keep?** {_percent(kept)} " if math.isfinite(kept)
+        text = (f"**How much of the ensemble gain does the student keep?** {percent(kept)} " if math.isfinite(kept)
                 else "**How much of the ensemble gain does the student keep?** n/a (no ensemble gain) ")
         text += (f"at N={dp}: member (regularized, seed 0) {member:.4f}, {distilled['ensemble']['teacher_members']}-member "
                  f"teacher {teacher:.4f}, student {student:.4f} (kept = (member - student) / (member - teacher)).")
@@ -629,7 +631,7 @@ def answers(results: dict, a: Analysis) -> list[str]:
         if len(seeds) > 1 and (sum(seeds) / len(seeds)) > teacher:
             mean = sum(seeds) / len(seeds)
             text += (f" Against the mean of the teacher's {len(seeds)} members ({mean:.4f}; seeds "
-                     f"{' / '.join(f'{s:.4f}' for s in seeds)}) it keeps {_percent((mean - student) / (mean - teacher))}.")
+                     f"{' / '.join(f'{s:.4f}' for s in seeds)}) it keeps {percent((mean - student) / (mean - teacher))}.")
         if "self" in distilled:
             s = distilled["self"]
             text += (f" Self-distillation: teacher {s['teacher_loss']:.4f} -> student {s['student_loss']:.4f} "
@@ -860,10 +862,6 @@ def build_report(results: dict, out: Path, cfg: StudyConfig, n_boot: int) -> Pat
     parts.append("## Where this disagrees with the paper, and why\n")
     parts.append(scale_notes(results))
     return write_text(out / "REPORT.md", "\n".join(parts))
-
-
-def _percent(fraction: float) -> str:
-    return f"{round(fraction, 2) + 0.0:.0%}"  # + 0.0: no "-0%"
 
 
 def grid_edges(profile: dict, search: dict) -> str:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from synthdata.engine import SamplingSettings, TeacherEngine, engine_env
 from synthdata.teacher import Teacher, member_dirs, read_teacher
-from train.data import sha256_file
+from train.data import read_json_manifest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -141,15 +141,8 @@ def write_json_atomic(path: Path, record: dict) -> None:
 
 def read_manifest(out: str | Path) -> dict:
     path = Path(out) / "manifest.json"
-    if not path.exists():
-        raise JobError(f"no synthetic data at {out}: {path} is missing")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise JobError(f"corrupt manifest {path}: {e}") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise JobError(f"{path} is not a Chorus synthetic-data manifest (format {manifest.get('format')!r})")
-    return manifest
+    return read_json_manifest(path, MANIFEST_FORMAT, JobError, "Chorus synthetic-data manifest",
+                              f"no synthetic data at {out}: {path} is missing")
 
 
 def open_job(out: Path, job: dict) -> dict:

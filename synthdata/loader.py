@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from synthdata.job import JobError, read_manifest
-from train.data import DataError, sha256_file
+from train.data import DataError, concat_tokens, sha256_file
 from train.data import read_manifest as read_dataset_manifest
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,4 @@ class TokenShards:
 
     def stream(self, max_tokens: int | None = None) -> np.ndarray:
         """The rows concatenated into one token stream (what `train.data.windows` cuts), optionally truncated."""
-        parts, total = [], 0
-        for seq in self.sequences():
-            parts.append(seq)
-            total += len(seq)
-            if max_tokens is not None and total >= max_tokens:
-                break
-        stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-        return stream[:max_tokens] if max_tokens is not None else stream
+        return concat_tokens(self.sequences(), max_tokens)

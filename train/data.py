@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -200,17 +201,37 @@ def prepare_dataset(spec: DatasetSpec, out_dir: str | Path) -> dict:
     return manifest
 
 
-def read_manifest(data_dir: str | Path) -> dict:
-    path = Path(data_dir) / "manifest.json"
+def read_json_manifest(path: Path, fmt: str, error: type[Exception], what: str, missing: str) -> dict:
+    """A JSON manifest of format `fmt` (a `what`), or `error` naming the file: missing (message `missing`),
+    corrupt, or of another format. Shared by every stage that writes a manifest."""
     if not path.exists():
-        raise DataError(f"no dataset at {data_dir}: {path} is missing (run `python -m train data` first)")
+        raise error(missing)
     try:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise DataError(f"corrupt manifest {path}: {e}") from None
-    if manifest.get("format") != MANIFEST_FORMAT:
-        raise DataError(f"{path} is not a Chorus token manifest (format {manifest.get('format')!r})")
+        raise error(f"corrupt manifest {path}: {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise error(f"{path} is not a {what} (format {found!r})")
     return manifest
+
+
+def read_manifest(data_dir: str | Path) -> dict:
+    path = Path(data_dir) / "manifest.json"
+    return read_json_manifest(path, MANIFEST_FORMAT, DataError, "Chorus token manifest",
+                              f"no dataset at {data_dir}: {path} is missing (run `python -m train data` first)")
+
+
+def concat_tokens(pieces: Iterable[np.ndarray], max_tokens: int | None = None) -> np.ndarray:
+    """The pieces concatenated into one int32 stream, reading no more pieces than `max_tokens` needs."""
+    parts, total = [], 0
+    for piece in pieces:
+        parts.append(piece)
+        total += len(piece)
+        if max_tokens is not None and total >= max_tokens:
+            break
+    stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return stream[:max_tokens] if max_tokens is not None else stream
 
 
 def load_tokens(data_dir: str | Path, split: str, max_tokens: int | None = None, verify: bool = True) -> np.ndarray:
@@ -227,19 +248,16 @@ def load_tokens(data_dir: str | Path, split: str, max_tokens: int | None = None,
             f"budget of {max_tokens:,} tokens exceeds the {split} split of {data_dir} ({info['tokens']:,} tokens); "
             "use a smaller budget or a larger corpus"
         )
-    parts, total = [], 0
-    for shard in info["shards"]:
-        path = data_dir / shard["file"]
-        if verify and (not path.exists() or sha256_file(path) != shard["sha256"]):
-            raise DataError(f"token shard {path} is missing or corrupt (sha256 differs from the manifest)")
-        column = pq.read_table(path, columns=["tokens"]).column("tokens").combine_chunks()
-        flat = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
-        parts.append(flat)
-        total += len(flat)
-        if max_tokens is not None and total >= max_tokens:
-            break
-    stream = np.concatenate(parts) if parts else np.zeros(0, np.int32)
-    return stream[:max_tokens] if max_tokens is not None else stream
+
+    def shards():
+        for shard in info["shards"]:
+            path = data_dir / shard["file"]
+            if verify and (not path.exists() or sha256_file(path) != shard["sha256"]):
+                raise DataError(f"token shard {path} is missing or corrupt (sha256 differs from the manifest)")
+            column = pq.read_table(path, columns=["tokens"]).column("tokens").combine_chunks()
+            yield column.values.to_numpy(zero_copy_only=False).astype(np.int32)
+
+    return concat_tokens(shards(), max_tokens)
 
 
 def windows(stream: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:

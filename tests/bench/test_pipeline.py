@@ -24,6 +24,7 @@ def test_heldout_next_word_is_a_valid_four_way_task(tiny_dataset):
 
 @pytest.mark.parametrize("gain, kept, expect", [
     (0.05, 0.8, "keeps 80% of it"),
+    (0.05, -0.004, "keeps 0% of it"),  # a student a hair worse than the best member: not "-0%"
     (0.05, 2.0, "below the ensemble itself (200% of the gain)"),
     (-0.01, math.nan, "did not beat the best member"),
 ])

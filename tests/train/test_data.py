@@ -93,6 +93,9 @@ def test_corrupt_shard_is_named(corpus_dir, tmp_path):
     (out / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="corrupt manifest"):
         read_manifest(out)
+    (out / "manifest.json").write_text("[1, 2]")  # valid JSON, not a manifest: named, not a TypeError
+    with pytest.raises(DataError, match="is not a Chorus token manifest"):
+        read_manifest(out)
 
 
 def test_bad_corpora(tmp_path):
