@@ -7,7 +7,7 @@ followed by token ids sampled from the tokenizer's ordinary (non-special) vocabu
 `--prompt-len`; each request's max_tokens is uniform in `--new-tokens`; temperature 1 and ignore_eos, so the
 work is exactly the requested tokens. The same load is served, in one run, by:
 1. the vLLM engine on one member alone (the plain Llama directory);
-2. the vLLM engine on the packed ensemble for K = 1, 2, 4 (members are reused in order when fewer are given),
+2. the vLLM engine on the packed ensemble for K = 1, 2, 4 (`--ks`; members are reused in order when fewer are given),
    given all requests at once (one SamplingParams per request; the engine batches them continuously);
 3. the per-request loop: what a token-by-token Hugging Face generate loop does with concurrent requests. It
    serves them one after another at batch size 1 (prefill the prompt, then one step per token), each of the
@@ -174,7 +174,7 @@ def engine_compute_threads() -> int:
 
 
 def measure(member_dirs: list[Path], work: Path, load: list[Request], kv_cache_bytes: int, repeats: int = 3,
-            loop_repeats: int = 3) -> dict:
+            loop_repeats: int = 3, ks: tuple[int, ...] = KS) -> dict:
     from transformers import LlamaForCausalLM
 
     torch.set_num_threads(engine_compute_threads())
@@ -188,12 +188,13 @@ def measure(member_dirs: list[Path], work: Path, load: list[Request], kv_cache_b
               # The static batch steps every request to the longest max_tokens; this share of its work is wanted.
               "static_batch_useful_share": useful_tokens / (len(load) * max(r.max_tokens for r in load)),
               "members_given": len(member_dirs), "cpu_count": os.cpu_count(),
-              "torch_threads_python_loop": torch.get_num_threads(), "repeats": repeats, "loop_repeats": loop_repeats}
+              "torch_threads_python_loop": torch.get_num_threads(), "repeats": repeats, "loop_repeats": loop_repeats,
+              "ks": list(ks)}
     log.info("engine: one member alone")
     record["single"] = engine_serve(member_dirs[0], load, context, kv_cache_bytes, repeats)
     loaded = [LlamaForCausalLM.from_pretrained(str(d), dtype=torch.float32).eval() for d in member_dirs]
     generator = torch.Generator().manual_seed(0)
-    for k in KS:
+    for k in ks:
         chosen = [i % len(member_dirs) for i in range(k)]
         members = [loaded[i] for i in chosen]
         packed = pack_ensemble([member_dirs[i] for i in chosen], work / f"ensemble-k{k}")
@@ -227,7 +228,7 @@ def markdown(record: dict) -> str:
              "static-batch loop tokens/s | engine / static-batch loop |",
              "|---|---|---|---|---|---|---|---|",
              f"| single member | {single['tokens_per_s']:,.0f} | {single['engine_rss_mib']:,.0f} | - | - | - | - | - |"]
-    for k in KS:
+    for k in record.get("ks", KS):
         r = record[f"k{k}"]
         lines.append(f"| ensemble K={k} | {r['engine']['tokens_per_s']:,.0f} | {r['engine']['engine_rss_mib']:,.0f} | "
                      f"{r['vs_single_over_k']:.2f} | {r['per_request_loop']['tokens_per_s']:,.0f} | "
@@ -248,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the load (default 0)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per figure; the median is kept (default 3)")
     parser.add_argument("--loop-repeats", type=int, help="timed runs of the slow per-request loop (default: --repeats)")
+    parser.add_argument("--ks", type=int, nargs="+", default=list(KS), metavar="K",
+                        help="ensemble sizes to measure (default 1 2 4)")
     parser.add_argument("--kv-cache-gib", type=float, default=0.5, help="KV cache per engine in GiB (default 0.5)")
     parser.add_argument("--work", help="where packed ensembles go (default: a temporary directory)")
     parser.add_argument("--out", help="write the JSON record here")
@@ -258,8 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         if not (m / "config.json").exists():
             parser.error(f"member {m} is not a model directory (no config.json)")
     loop_repeats = args.loop_repeats or args.repeats
-    if min(args.requests, args.repeats, loop_repeats, *args.prompt_len, *args.new_tokens) < 1:
-        parser.error("--requests, --repeats, --loop-repeats, --prompt-len and --new-tokens must be >= 1")
+    if min(args.requests, args.repeats, loop_repeats, *args.prompt_len, *args.new_tokens, *args.ks) < 1:
+        parser.error("--requests, --repeats, --loop-repeats, --prompt-len, --new-tokens and --ks must be >= 1")
     if args.prompt_len[0] > args.prompt_len[1] or args.new_tokens[0] > args.new_tokens[1]:
         parser.error("--prompt-len and --new-tokens take MIN MAX with MIN <= MAX")
     context = read_config(members[0])["max_position_embeddings"]
@@ -270,7 +273,8 @@ def main(argv: list[str] | None = None) -> None:
                      args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.work) if args.work else Path(tmp)
-        record = measure(members, work, load, int(args.kv_cache_gib * 2**30), args.repeats, loop_repeats)
+        record = measure(members, work, load, int(args.kv_cache_gib * 2**30), args.repeats, loop_repeats,
+                         tuple(args.ks))
     record["seed"] = args.seed
     print(markdown(record))
     if args.out:
