@@ -152,8 +152,13 @@ def model_ids(model_dirs: list[str]) -> list[list]:
     """What an evaluation is of: each model directory with its weights' recorded sha256, so that a model
     retrained in place (same directory, new weights) is evaluated anew, not answered from the cache."""
     from serve.pack import recorded_sha256
+    from train.data import sha256_file
 
-    return [[str(d), (recorded_sha256(d) or (None,))[0]] for d in model_dirs]
+    def weights_sha256(d: str) -> str:
+        recorded = recorded_sha256(d)  # written when the directory was made; hashing is the fallback
+        return recorded[0] if recorded else sha256_file(Path(d) / "model.safetensors")
+
+    return [[str(d), weights_sha256(d)] for d in model_dirs]
 
 
 class EvalCache(Ledger):

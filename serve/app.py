@@ -178,14 +178,14 @@ def start_app(config: EnsembleConfig, address: str | None = None) -> str:
 
     global _started_ray
     config.check()
-    started_ray, ran = not ray.is_initialized(), False
+    started_ray, deployed = not ray.is_initialized(), False
     if started_ray:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
         _started_ray = True
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         check_serve_http(config)
-        ran = True
+        deployed = True  # from here on serve.run may have created the app
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
         url = f"http://{config.host}:{config.port}"
         wait_healthy(url)
@@ -194,7 +194,7 @@ def start_app(config: EnsembleConfig, address: str | None = None) -> str:
         # on this port) and wait on a port nobody listens on. What ran before this call is left alone.
         if started_ray:
             stop_app()
-        elif ran:
+        elif deployed:
             serve.delete(APP_NAME)
         raise
     log.info("serving %s as %r at %s/v1", config.model_dir, config.model_name, url)

@@ -2,6 +2,7 @@
 downstream) and writes a report with every section; a second run trains and evaluates nothing; the answers
 are right on points drawn from known laws; bad input is refused with exit code 2."""
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -181,3 +182,9 @@ def test_eval_cache_keys_change_when_a_model_is_retrained_in_place(tmp_path):
     (model / "chorus_run.json").write_text(json.dumps({"weights_sha256": "b" * 64}))
     assert model_ids([str(model)]) != before
     assert model_ids([str(model)]) == [[str(model), "b" * 64]]
+    # A directory with no recorded hash is keyed by its weights file's own sha256.
+    (model / "chorus_run.json").unlink()
+    (model / "model.safetensors").write_bytes(b"weights v1")
+    first = model_ids([str(model)])
+    (model / "model.safetensors").write_bytes(b"weights v2")
+    assert model_ids([str(model)]) != first and first[0][1] == hashlib.sha256(b"weights v1").hexdigest()
