@@ -20,6 +20,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from train.artifacts import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
@@ -148,5 +150,5 @@ def default_corpus(cache_dir: str | Path) -> Path:
         if target.exists():
             shutil.rmtree(target)
         unpacked.rename(target)
-    done_marker.write_text(DEFAULT_CORPUS_PACKAGE + "\n")
+    atomic_write_text(done_marker, DEFAULT_CORPUS_PACKAGE + "\n")
     return target / DEFAULT_CORPUS_SUBDIR

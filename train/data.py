@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,6 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from train.artifacts import ArtifactError, OutputLock, atomic_write_json, publish_file, sha256_file
+from train.artifacts import read_manifest as read_json_manifest
 from train.corpus import CorpusError, corpus_files, read_documents
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ IGNORE_INDEX = -100
 SHARD_TOKENS = 4_000_000  # per Parquet file: small enough to verify and stream, large enough to be few
 
 
-class DataError(ValueError):
+class DataError(ArtifactError):
     """A dataset directory is inconsistent, corrupt, or too small for the request."""
 
 
@@ -46,14 +47,6 @@ class DatasetSpec:
     val_fraction: float = 0.05
     val_max_tokens: int = 100_000
     max_chars: int | None = None  # read at most this much of the corpus (large corpora)
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _doc_hash(doc: str) -> str:
@@ -118,7 +111,7 @@ def _write_shards(out_dir: Path, split: str, token_lists: list[list[int]], hashe
         )
         tmp = out_dir / (name + ".tmp")
         pq.write_table(table, tmp)
-        os.replace(tmp, out_dir / name)
+        publish_file(tmp, out_dir / name)
         shards.append({"file": name, "rows": end - start, "tokens": count, "sha256": sha256_file(out_dir / name)})
         start = end
     return shards
@@ -126,7 +119,11 @@ def _write_shards(out_dir: Path, split: str, token_lists: list[list[int]], hashe
 
 def prepare_dataset(spec: DatasetSpec, out_dir: str | Path) -> dict:
     """Build (or reuse) the tokenizer and token shards for `spec` in `out_dir`; return the manifest."""
-    out_dir = Path(out_dir)
+    with OutputLock(out_dir):
+        return _prepare_dataset(spec, Path(out_dir))
+
+
+def _prepare_dataset(spec: DatasetSpec, out_dir: Path) -> dict:
     manifest_path = out_dir / "manifest.json"
     key = _inputs_key(spec)
     if manifest_path.exists():
@@ -191,9 +188,7 @@ def prepare_dataset(spec: DatasetSpec, out_dir: str | Path) -> dict:
     for split in manifest["splits"].values():
         split["tokens"] = sum(s["tokens"] for s in split["shards"])
         split["documents"] = sum(s["rows"] for s in split["shards"])
-    tmp = manifest_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, manifest_path)  # the manifest appears last: its presence means the dataset is whole
+    atomic_write_json(manifest_path, manifest)  # the manifest appears last: its presence means the dataset is whole
     log.info(
         "dataset ready: %d train tokens, %d validation tokens, vocab %d",
         manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"], manifest["vocab_size"],
@@ -201,25 +196,10 @@ def prepare_dataset(spec: DatasetSpec, out_dir: str | Path) -> dict:
     return manifest
 
 
-def read_json_manifest(path: Path, fmt: str, error: type[Exception], what: str, missing: str) -> dict:
-    """A JSON manifest of format `fmt` (a `what`), or `error` naming the file: missing (message `missing`),
-    corrupt, or of another format. Shared by every stage that writes a manifest."""
-    if not path.exists():
-        raise error(missing)
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise error(f"corrupt manifest {path}: {e}") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != fmt:
-        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
-        raise error(f"{path} is not a {what} (format {found!r})")
-    return manifest
-
-
 def read_manifest(data_dir: str | Path) -> dict:
     path = Path(data_dir) / "manifest.json"
-    return read_json_manifest(path, MANIFEST_FORMAT, DataError, "Chorus token manifest",
-                              f"no dataset at {data_dir}: {path} is missing (run `python -m train data` first)")
+    return read_json_manifest(path, MANIFEST_FORMAT, "Chorus token manifest",
+                              f"no dataset at {data_dir}: {path} is missing (run `python -m train data` first)", DataError)
 
 
 def concat_tokens(pieces: Iterable[np.ndarray], max_tokens: int | None = None) -> np.ndarray:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,11 +21,12 @@ from typing import Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 from transformers import LlamaForCausalLM
 
-from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, sha256_file, windows
+from train.artifacts import OutputLock, atomic_write_json, fresh_tmp_dir, publish_dir, sha256_file
+from train.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
+from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
 from train.model import flops_per_token, get_shape, llama_config
 
 log = logging.getLogger(__name__)
@@ -138,49 +138,36 @@ def _autocast(device: torch.device):
 # ---- checkpoints -------------------------------------------------------------------------------
 
 def _save_checkpoint(run_dir: Path, model, optimizer, step: int) -> None:
-    """Write ckpt-<step>/ in full, then point checkpoint.json at it (atomic), then drop older ones."""
-    ckpt = run_dir / f"ckpt-{step:07d}"
-    tmp = run_dir / f".ckpt-{step:07d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     names = {id(p): n for n, p in model.named_parameters()}
-    moments = {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state[p].items():
-                moments[f"{names[id(p)]}::{key}"] = value.detach().reshape(value.shape).contiguous()
-    save_file(moments, tmp / "optimizer.safetensors")
-    os.replace(tmp, ckpt)
-    pointer = run_dir / "checkpoint.json"
-    pointer_tmp = run_dir / "checkpoint.json.tmp"
-    pointer_tmp.write_text(json.dumps({"step": step, "dir": ckpt.name}))
-    os.replace(pointer_tmp, pointer)
-    for old in run_dir.glob("ckpt-*"):
-        if old != ckpt:
-            shutil.rmtree(old, ignore_errors=True)
+    moments = {f"{names[id(p)]}::{key}": value.reshape(value.shape)
+               for group in optimizer.param_groups for p in group["params"]
+               for key, value in optimizer.state[p].items()}
+    save_checkpoint(run_dir, step, {"model": model.state_dict(), "optimizer": moments})
 
 
 def _load_checkpoint(run_dir: Path, model, optimizer) -> int:
-    pointer = run_dir / "checkpoint.json"
-    if not pointer.exists():
+    device = next(model.parameters()).device
+    found = load_checkpoint(run_dir, device)
+    if found is None:
         return 0
-    info = json.loads(pointer.read_text())
-    ckpt = run_dir / info["dir"]
-    try:
-        model.load_state_dict(load_file(ckpt / "model.safetensors"))
-        moments = load_file(ckpt / "optimizer.safetensors")
-    except Exception as e:
-        raise DataError(f"checkpoint {ckpt} is corrupt ({e}); delete {pointer} to restart the run") from e
-    params = dict(model.named_parameters())
+    step, files = found
+    model.load_state_dict(files["model"])
+    restore_moments(optimizer, dict(model.named_parameters()), files["optimizer"])
+    log.info("resumed %s from step %d", run_dir, step)
+    return step
+
+
+def restore_moments(optimizer: torch.optim.Optimizer, params: dict[str, torch.Tensor],
+                    moments: dict[str, torch.Tensor]) -> None:
+    """Put saved AdamW state back, as torch's own load_state_dict does: moments on their parameter's device
+    and dtype, the step counter kept on the CPU (non-fused AdamW reads it there)."""
     for key, value in moments.items():
         name, slot = key.split("::")
-        optimizer.state[params[name]][slot] = value
-    log.info("resumed %s from step %d", run_dir, info["step"])
-    return int(info["step"])
+        param = params[name]
+        optimizer.state[param][slot] = value.to("cpu") if slot == "step" else value.to(param.device, param.dtype)
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
+def trim_metrics(path: Path, last_step: int) -> None:
     """Drop metric lines written after the checkpoint we resume from: they will be written again."""
     if not path.exists():
         return
@@ -205,9 +192,7 @@ def claim_run_dir(run_dir: Path, identity: dict) -> None:
             diff = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
             raise DataError(f"{run_dir} belongs to another run configuration (differs in: {', '.join(diff)})")
         return
-    tmp = record.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(identity, indent=1, sort_keys=True))
-    os.replace(tmp, record)
+    atomic_write_json(record, dict(sorted(identity.items())))
 
 
 # ---- the loop ----------------------------------------------------------------------------------
@@ -219,8 +204,14 @@ def train_loop(cfg: TrainConfig, run_dir: str | Path, batches: BatchSource, val:
     Returns the result record (also written to run_dir/result.json, last, when everything is saved).
     """
     run_dir = Path(run_dir)
-    result_path = run_dir / "result.json"
     claim_run_dir(run_dir, cfg.identity())
+    with OutputLock(run_dir):
+        return _train_loop(cfg, run_dir, batches, val, progress, peak_flops)
+
+
+def _train_loop(cfg: TrainConfig, run_dir: Path, batches: BatchSource, val: tuple[np.ndarray, np.ndarray],
+                progress: bool, peak_flops: float | None) -> dict:
+    result_path = run_dir / "result.json"
     if result_path.exists():
         log.info("%s is already complete; reusing it", run_dir)
         return json.loads(result_path.read_text())
@@ -236,7 +227,7 @@ def train_loop(cfg: TrainConfig, run_dir: str | Path, batches: BatchSource, val:
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
     metrics_path = run_dir / "metrics.jsonl"
     start = _load_checkpoint(run_dir, model, optimizer)
-    _trim_metrics(metrics_path, start)
+    trim_metrics(metrics_path, start)
 
     flops_tok = flops_per_token(config, cfg.context)
     total = batches.steps
@@ -281,25 +272,28 @@ def train_loop(cfg: TrainConfig, run_dir: str | Path, batches: BatchSource, val:
         val_loss = evaluate(model, *val)
         emit({"step": total, "val_loss": val_loss})
 
+    return finish_run(cfg, run_dir, model, val_loss, total, manifest)
+
+
+def finish_run(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, val_loss: float, steps: int,
+               manifest: dict) -> dict:
+    """Write a trained member: run_dir/model (HF directory + chorus_run.json), then result.json (last: its
+    presence means the run is complete), then drop the run's checkpoints. Shared by lone and stacked runs."""
     final = run_dir / "model"
-    tmp = run_dir / ".model.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_tmp_dir(final)
+    device = next(model.parameters()).device
     model.to("cpu").save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")  # one file: pack reads it
+    model.to(device)
     shutil.copytree(Path(cfg.data_dir) / "tokenizer", tmp, dirs_exist_ok=True)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    result = {"val_loss": val_loss, "steps": total, "model_dir": str(final.resolve()),
+    result = {"val_loss": val_loss, "steps": steps, "model_dir": str(final.resolve()),
               "non_embedding_params": get_shape(cfg.preset).non_embedding_params(),
               "tokenizer_sha256": manifest["tokenizer_sha256"], "config": cfg.identity(),
-              "weights_sha256": sha256_file(final / "model.safetensors")}  # loaders verify it (serve.pack.check_weights)
-    (final / "chorus_run.json").write_text(json.dumps(result, indent=1))
-    tmp_result = result_path.with_suffix(".json.tmp")
-    tmp_result.write_text(json.dumps(result, indent=1))
-    os.replace(tmp_result, result_path)
-    for old in run_dir.glob("ckpt-*"):
-        shutil.rmtree(old, ignore_errors=True)
-    (run_dir / "checkpoint.json").unlink(missing_ok=True)
-    log.info("%s: val loss %.4f after %d steps", run_dir.name, val_loss, total)
+              "weights_sha256": sha256_file(tmp / "model.safetensors")}  # loaders verify it (serve.pack.check_weights)
+    (tmp / "chorus_run.json").write_text(json.dumps(result, indent=1))
+    publish_dir(tmp, final)
+    atomic_write_json(run_dir / "result.json", result)
+    clear_checkpoints(run_dir)
+    log.info("%s: val loss %.4f after %d steps", run_dir.name, val_loss, steps)
     return result
 
 

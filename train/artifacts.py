@@ -1,0 +1,194 @@
+"""The one ground floor for files every stage writes: atomic writes, hashes, JSON manifests, output locks.
+
+A file a later run trusts (a manifest, a pointer, a result, a report) appears whole or not at all, and survives
+a power cut once this module returns: the bytes go to a temporary name beside it, are fsync'ed, renamed into
+place, and the directory holding them is fsync'ed so the rename itself is durable. A directory (a model, a
+checkpoint) is published the same way. Two jobs writing one output directory would delete each other's files:
+`OutputLock` makes the second fail at once, naming the holder.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+
+class ArtifactError(ValueError):
+    """A file is missing, damaged, or held by another job; the message names it."""
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make the entries of a directory (renames, creations) durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str | Path) -> None:
+    """fsync every file and directory under `path` (a directory about to be published)."""
+    path = Path(path)
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(root)
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one, never a part."""
+    path = Path(path)
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
+
+
+def publish_file(tmp: str | Path, path: str | Path) -> None:
+    """Rename a file written elsewhere (e.g. by pyarrow) into place, durably."""
+    tmp, path = Path(tmp), Path(path)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def publish_dir(tmp: str | Path, final: str | Path) -> None:
+    """Move a fully written directory into place, replacing any old one; durable on return.
+
+    A directory cannot be renamed over a non-empty one, so an old `final` is first moved aside and deleted
+    after: a crash in between leaves either the old directory, or the new one plus a `.old` leftover
+    that the next publish removes."""
+    tmp, final = Path(tmp), Path(final)
+    fsync_tree(tmp)
+    aside = final.with_name(f".{final.name}.old")
+    shutil.rmtree(aside, ignore_errors=True)
+    if final.exists():
+        os.replace(final, aside)
+    os.replace(tmp, final)
+    fsync_dir(final.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def fresh_tmp_dir(final: str | Path) -> Path:
+    """An empty temporary directory beside `final`, for writing it before `publish_dir`."""
+    final = Path(final)
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def read_json(path: str | Path, what: str = "file") -> dict:
+    """A JSON object from `path`; a missing, truncated or non-object file is named (ArtifactError)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text())
+    except FileNotFoundError as e:
+        raise ArtifactError(f"{what} {path} does not exist") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{what} {path} is corrupt (not valid JSON: {e})") from e
+    if not isinstance(value, dict):
+        raise ArtifactError(f"{what} {path} is corrupt (a JSON {type(value).__name__}, not an object)")
+    return value
+
+
+def read_manifest(path: str | Path, fmt: str, what: str, missing: str | None = None,
+                  error: type[Exception] = ArtifactError) -> dict:
+    """A JSON manifest of format `fmt` (a `what`), or `error` naming the file: missing (message `missing`),
+    corrupt, or of another format. Every stage's manifest is read through here; written with atomic_write_json."""
+    path = Path(path)
+    if not path.exists():
+        raise error(missing or f"{what} {path} does not exist")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"corrupt manifest {path}: {e}") from None
+    if not isinstance(manifest, dict):
+        raise error(f"corrupt manifest {path}: a JSON {type(manifest).__name__}, not an object")
+    if manifest.get("format") != fmt:
+        raise error(f"{path} is not a {what} (format {manifest.get('format')!r}, expected {fmt!r})")
+    return manifest
+
+
+class OutputLock:
+    """An exclusive lock on an output directory, held for a job's lifetime (`with OutputLock(out): ...`).
+
+    flock is released by the kernel when the holder dies (kill -9 included), so a stale lock never blocks a
+    resume; the lock file records who holds it, so a second job is told whom it collided with."""
+
+    NAME = ".chorus.lock"
+
+    def __init__(self, out_dir: str | Path, job: str = ""):
+        self.out_dir = Path(out_dir)
+        self.job = job or " ".join(sys.argv)
+        self._fd: int | None = None
+
+    def __enter__(self) -> "OutputLock":
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / self.NAME
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            try:
+                holder = json.loads(path.read_text() or "{}")
+            except (OSError, json.JSONDecodeError):
+                holder = {}
+            who = (f"pid {holder.get('pid')} on {holder.get('host')} ({holder.get('job')})" if holder
+                   else "another process")
+            raise ArtifactError(f"{self.out_dir} is in use by {who}; two jobs on one output directory would "
+                                f"overwrite each other's files. Wait for it, stop it, or choose another output.") from e
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "job": self.job}).encode())
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None

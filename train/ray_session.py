@@ -1,0 +1,141 @@
+"""The one way Chorus reaches Ray: join a cluster at `--address`, or start a local Ray bound to loopback.
+
+On exit only what was started here is stopped: a Ray the caller (or another stage in this process) had
+already initialised is left running, and a cluster joined by address is only disconnected from.
+
+A local Ray is a single-node cluster that nothing outside this machine should reach, so every process it
+starts listens on loopback only. Ray 2.60 gets there with three settings, none of which is enough alone:
+- `_node_ip_address="127.0.0.1"`: the C++ servers (gcs_server, raylet, object manager, every worker's core
+  worker) bind 127.0.0.1 instead of all interfaces exactly when their node IP is a loopback address, and the
+  agents (dashboard agent, runtime-env agent, metrics export) bind the node IP;
+- `RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0` while `ray.init` runs: otherwise Ray turns a loopback node IP back
+  into the machine's routable address (`services.resolve_ip_for_localhost`: single-node mode is the only
+  one that keeps it), so the flag above would never reach the servers;
+- no dashboard unless asked (`include_dashboard=False`; `dashboard=True` binds it to loopback too).
+Two listeners remain that Ray hard-codes to every interface: a Serve replica's inter-deployment gRPC server
+(`[::]:0`, see `keep_serve_replica_on_loopback`, called by a replica) and vLLM's own address for its
+engine processes (`VLLM_HOST_IP`, set here for the processes Ray starts).
+"""
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+# The environment the local Ray's processes (and so every worker, replica and engine) start with.
+LOOPBACK_ENV = {
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-node: keep a loopback node IP as given
+    "VLLM_HOST_IP": LOOPBACK,  # the address vLLM's engine processes bind and advertise
+}
+
+
+def is_loopback(host: str) -> bool:
+    """127.0.0.0/8, ::1, and IPv4-mapped loopback (::ffff:127.0.0.1, what a dual-stack socket shows)."""
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host == "localhost"
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or bool(mapped and mapped.is_loopback)
+
+
+@contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (the processes started in it keep them), then restore."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False) -> bool:
+    """Make sure this process is connected to Ray; True when this call started (or joined) it.
+
+    Without `address` a local Ray starts with every listening socket on loopback (see the module's notes);
+    `dashboard=True` adds Ray's dashboard, on 127.0.0.1 too."""
+    import ray
+    from ray._private import ray_constants
+
+    if ray.is_initialized():
+        return False
+    if address:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        log.info("joined the Ray cluster at %s", address)
+        return True
+    cpus = num_cpus or os.cpu_count()
+    # ray_constants read the single-node switch when Ray was imported: set it for this call too.
+    multi_node = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        with _environment(LOOPBACK_ENV):
+            ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, log_to_driver=False,
+                     configure_logging=False, _node_ip_address=LOOPBACK)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = multi_node
+    node_ip = ray.util.get_node_ip_address()
+    if not is_loopback(node_ip):  # a Ray that would listen on the network: stop it rather than run it
+        ray.shutdown()
+        raise RuntimeError(f"the local Ray came up on {node_ip}, not on loopback: refusing to run it")
+    log.info("started a local Ray on %s (%s CPUs, session %s)", node_ip, cpus, session_dir())
+    return True
+
+
+def disconnect_ray(started: bool) -> None:
+    """Undo `connect_ray`: shut down (or leave) Ray only when that call started (or joined) it."""
+    import ray
+
+    if started and ray.is_initialized():
+        ray.shutdown()
+
+
+@contextmanager
+def ray_session(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False) -> Iterator[object]:
+    """`with ray_session(address) as ray:` - Ray for the block; stopped after it only if started here."""
+    import ray
+
+    started = connect_ray(address, num_cpus, dashboard=dashboard)
+    try:
+        yield ray
+    finally:
+        disconnect_ray(started)
+
+
+def session_dir() -> str:
+    """The running Ray's session directory (/tmp/ray/session_...): every process of that Ray names it."""
+    import ray
+
+    return ray._private.worker._global_node.get_session_dir_path()
+
+
+def keep_serve_replica_on_loopback() -> None:
+    """Call in a Serve replica's constructor: on a loopback node, bind its inter-deployment gRPC server there.
+
+    Ray Serve 2.60 binds that server to `[::]:0` (every interface) with no option to change it
+    (serve/_private/replica.py, `_on_initialized`, which runs after the constructor). Its callers reach it at
+    the node IP (`replica_wrapper`: node_ip:port), so on a node whose IP is loopback binding the loopback
+    address loses nothing. On any other node nothing is changed."""
+    import ray
+    from ray.serve._private import replica
+
+    if not is_loopback(ray.util.get_node_ip_address()):
+        return
+    bind_all = replica.add_port_to_grpc_server
+    if getattr(bind_all, "chorus_loopback", False):
+        return
+
+    def bind_loopback(server, address: str):
+        return bind_all(server, address.replace("[::]:", f"{LOOPBACK}:", 1))
+
+    bind_loopback.chorus_loopback = True
+    replica.add_port_to_grpc_server = bind_loopback
