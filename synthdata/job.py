@@ -4,6 +4,8 @@ Layout of a synthetic data directory:
     manifest.json        the job (teacher hash, mode, sampling settings, budget, seed, shard quota) and every
                          finished shard's rows, tokens and sha256; rewritten atomically after each shard
     shard-NNNNN.parquet  one row per sequence: tokens (list<int32>, BOS first), length, seed (the shard's),
+                         sequence_seed (the sequence's own, 63-bit), content_sha256 (of its token ids: the
+                         job counts and reports sequences that repeat another exactly),
                          member (mixture: which member sampled it; ensemble: -1), sample_logprob (the engine's
                          log-probability of the stored tokens after BOS), teacher_sha256, sampling (JSON)
     teacher-members/     mixture mode only: the members extracted from a packed teacher
@@ -26,6 +28,7 @@ endpoint would add HTTP and batching we do not need for offline work.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -44,11 +47,13 @@ from tqdm import tqdm
 
 from synthdata.engine import SamplingSettings, TeacherEngine, engine_env
 from synthdata.teacher import Teacher, member_dirs, read_teacher
+from train.artifacts import OutputLock, atomic_write_json, publish_file
 from train.data import read_json_manifest, sha256_file
+from train.ray_session import connect_ray, disconnect_ray
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "chorus.synthetic.v1"
+MANIFEST_FORMAT = "chorus.synthetic.v2"  # v2: 63-bit sequence seeds, a content hash per sequence
 MODES = ("ensemble", "mixture")
 MAX_ROUND = 1024  # sequences per engine call: bounds memory, large enough to keep the engine busy
 
@@ -86,8 +91,13 @@ class ShardPlan:
 
 
 def derive_seed(*entropy: int) -> int:
-    """A 31-bit seed from integers: independent streams for (job, shard) and (shard, sequence)."""
-    return int(np.random.SeedSequence(list(entropy)).generate_state(1, np.uint32)[0] >> 1)
+    """A 63-bit seed from integers: independent streams for (job, shard) and (shard, sequence).
+
+    63 bits, not 31: every sequence starts from the same prompt (BOS), so two equal seeds are two equal
+    sequences; with 31 bits a job of 25k sequences has a ~14% chance of one such pair, at 63 bits a job of a
+    billion sequences has ~5e-2. (63 rather than 64 so the seed fits Parquet's int64 and any JSON reader.)"""
+    hi, lo = np.random.SeedSequence(list(entropy)).generate_state(2, np.uint32)
+    return int((int(hi) << 32 | int(lo)) >> 1)
 
 
 def plan_shards(tokens: int, shard_tokens: int, seed: int) -> list[ShardPlan]:
@@ -99,9 +109,14 @@ def sequence_draws(shard_seed: int, start: int, count: int, members: int) -> lis
     """(sequence seed, member) for sequences start .. start+count-1 of a shard; member is 0 when members == 1."""
     draws = []
     for j in range(start, start + count):
-        state = np.random.SeedSequence([shard_seed, j]).generate_state(2, np.uint32)
-        draws.append((int(state[0] >> 1), int(state[1] % members)))
+        state = np.random.SeedSequence([shard_seed, j]).generate_state(3, np.uint32)
+        draws.append(((int(state[0]) << 32 | int(state[1])) >> 1, int(state[2] % members)))
     return draws
+
+
+def content_hash(tokens: np.ndarray) -> str:
+    """sha256 of a sequence's token ids (int32 little-endian): equal sequences, equal hashes."""
+    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()
 
 
 def check_config(cfg: GenerateConfig, teacher: Teacher) -> SamplingSettings:
@@ -133,16 +148,10 @@ def job_record(cfg: GenerateConfig, teacher: Teacher, settings: SamplingSettings
 
 # ---- manifest ----------------------------------------------------------------------------------
 
-def write_json_atomic(path: Path, record: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
-
-
 def read_manifest(out: str | Path) -> dict:
     path = Path(out) / "manifest.json"
-    return read_json_manifest(path, MANIFEST_FORMAT, JobError, "Chorus synthetic-data manifest",
-                              f"no synthetic data at {out}: {path} is missing")
+    return read_json_manifest(path, MANIFEST_FORMAT, "Chorus synthetic-data manifest",
+                              f"no synthetic data at {out}: {path} is missing", JobError)
 
 
 def open_job(out: Path, job: dict) -> dict:
@@ -154,7 +163,7 @@ def open_job(out: Path, job: dict) -> dict:
     path = out / "manifest.json"
     if not path.exists():
         manifest = {"format": MANIFEST_FORMAT, "job": job, "shards": []}
-        write_json_atomic(path, manifest)
+        atomic_write_json(path, manifest)
         return manifest
     manifest = read_manifest(out)
     if manifest["job"] != job:
@@ -181,7 +190,7 @@ def open_job(out: Path, job: dict) -> dict:
             file.unlink()
     if kept != manifest["shards"]:
         manifest["shards"] = kept
-        write_json_atomic(path, manifest)
+        atomic_write_json(path, manifest)
     return manifest
 
 
@@ -192,6 +201,7 @@ class ShardRows:
     tokens: list[np.ndarray]
     members: list[int]
     logprobs: list[float]
+    seeds: list[int]
 
     @property
     def count(self) -> int:
@@ -206,7 +216,7 @@ def generate_shard(plan: ShardPlan, engines: list, bos: int, settings: SamplingS
     the engine of their member, all at once."""
     import ray
 
-    rows = ShardRows([], [], [])
+    rows = ShardRows([], [], [], [])
     mean_len, start = float(settings.max_len), 0
     while rows.count < plan.quota:
         # Ask for about as many sequences as the remaining quota needs at the observed mean length.
@@ -216,7 +226,7 @@ def generate_shard(plan: ShardPlan, engines: list, bos: int, settings: SamplingS
                  for m in sorted({m for _, m in draws})}
         results = {m: iter(ray.get(ref)) for m, ref in calls.items()}
         lengths = []
-        for _, member in draws:
+        for seed, member in draws:
             ids, logprobs = next(results[member])
             lengths.append(len(ids) + 1)
             room = plan.quota - rows.count
@@ -226,6 +236,7 @@ def generate_shard(plan: ShardPlan, engines: list, bos: int, settings: SamplingS
             rows.tokens.append(np.concatenate([[bos], ids[: keep - 1]]).astype(np.int32))
             rows.members.append(member if len(engines) > 1 else -1)
             rows.logprobs.append(float(logprobs[: keep - 1].sum()))
+            rows.seeds.append(seed)
             on_tokens(keep)
         start += want
         mean_len = float(np.mean(lengths))
@@ -239,6 +250,8 @@ def write_shard(out: Path, plan: ShardPlan, rows: ShardRows, job: dict) -> dict:
         "tokens": pa.array(rows.tokens, type=pa.list_(pa.int32())),
         "length": pa.array([len(t) for t in rows.tokens], type=pa.int32()),
         "seed": pa.array([plan.seed] * n, type=pa.int64()),
+        "sequence_seed": pa.array(rows.seeds, type=pa.int64()),
+        "content_sha256": pa.array([content_hash(t) for t in rows.tokens], type=pa.string()),
         "member": pa.array(rows.members, type=pa.int16()),
         "sample_logprob": pa.array(rows.logprobs, type=pa.float64()),
         "teacher_sha256": pa.array([job["teacher_sha256"]] * n, type=pa.string()),
@@ -247,7 +260,7 @@ def write_shard(out: Path, plan: ShardPlan, rows: ShardRows, job: dict) -> dict:
     path = out / plan.file
     tmp = out / (plan.file + ".tmp")
     pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    publish_file(tmp, path)
     return {"file": plan.file, "index": plan.index, "seed": plan.seed, "rows": n, "tokens": rows.count,
             "sha256": sha256_file(path)}
 
@@ -271,9 +284,6 @@ def start_engines(model_dirs: list[Path], replicas: int, settings: SamplingSetti
 
     n = replicas * len(model_dirs)
     local = cfg.address is None
-    if not ray.is_initialized():
-        ray.init(address=cfg.address, num_cpus=max(os.cpu_count() or 1, n) if local else None,
-                 include_dashboard=False, log_to_driver=False)
     cores = engine_cores(n) if local else [None] * n
     actor = ray.remote(num_cpus=1)(TeacherEngine)
     groups = []
@@ -288,7 +298,14 @@ def start_engines(model_dirs: list[Path], replicas: int, settings: SamplingSetti
 
 
 def generate(cfg: GenerateConfig) -> dict:
-    """Run (or finish) the job; return its summary. Re-running a finished job does nothing."""
+    """Run (or finish) the job; return its summary. Re-running a finished job does nothing.
+
+    Two jobs on one --out would delete each other's shards: the second is refused, naming the first."""
+    with OutputLock(cfg.out):
+        return _generate(cfg)
+
+
+def _generate(cfg: GenerateConfig) -> dict:
     teacher = read_teacher(cfg.teacher)
     settings = check_config(cfg, teacher)
     job = job_record(cfg, teacher, settings)
@@ -300,15 +317,14 @@ def generate(cfg: GenerateConfig) -> dict:
     done_tokens = sum(s["tokens"] for s in manifest["shards"])
     if not pending:
         log.info("%s is complete: %d shards, %d tokens; nothing to do", out, len(plans), done_tokens)
-        return summarize(manifest, generated=0, wall=0.0)
+        return summarize(out, manifest, generated=0, wall=0.0)
     log.info("%s: %d of %d shards to generate (%d of %d tokens already done)", out, len(pending), len(plans),
              done_tokens, cfg.tokens)
 
     model_dirs = [teacher.path] if cfg.mode == "ensemble" else member_dirs(teacher, out / "teacher-members")
     replicas = min(cfg.replicas, len(pending))
     log.info("starting %d replica(s) x %d engine(s) on %s (%s mode)", replicas, len(model_dirs), teacher.path, cfg.mode)
-    import ray
-
+    started_ray = connect_ray(cfg.address, None if cfg.address else max(os.cpu_count() or 1, replicas * len(model_dirs)))
     try:
         groups = start_engines(model_dirs, replicas, settings, cfg)
         manifest_lock, bar_lock = threading.Lock(), threading.Lock()
@@ -335,7 +351,7 @@ def generate(cfg: GenerateConfig) -> dict:
                 entry = write_shard(out, plan, rows, job)
                 with manifest_lock:
                     manifest["shards"] = sorted(manifest["shards"] + [entry], key=lambda s: s["index"])
-                    write_json_atomic(out / "manifest.json", manifest)
+                    atomic_write_json(out / "manifest.json", manifest)
                 log.debug("shard %s: %d sequences, %d tokens", plan.file, entry["rows"], entry["tokens"])
 
         start = time.perf_counter()
@@ -345,20 +361,32 @@ def generate(cfg: GenerateConfig) -> dict:
         wall = time.perf_counter() - start
         bar.close()
     finally:
-        if ray.is_initialized():
-            ray.shutdown()
-    summary = summarize(manifest, generated, wall)
+        disconnect_ray(started_ray)  # only a Ray this job started; a caller's Ray is left running
+    summary = summarize(out, manifest, generated, wall)
     log.info("done: %d tokens in %d sequences (mean length %.1f); this run made %d tokens in %.1f s (%.0f tokens/s)",
              summary["tokens"], summary["sequences"], summary["mean_length"], generated, wall,
              summary["tokens_per_s"])
     return summary
 
 
-def summarize(manifest: dict, generated: int, wall: float) -> dict:
+def duplicate_sequences(out: Path, manifest: dict) -> int:
+    """How many recorded sequences repeat an earlier one's content (by content_sha256)."""
+    seen, dups = set(), 0
+    for shard in manifest["shards"]:
+        for h in pq.read_table(out / shard["file"], columns=["content_sha256"]).column(0).to_pylist():
+            dups += h in seen
+            seen.add(h)
+    return dups
+
+
+def summarize(out: Path, manifest: dict, generated: int, wall: float) -> dict:
     tokens = sum(s["tokens"] for s in manifest["shards"])
+    duplicates = duplicate_sequences(out, manifest)
+    if duplicates:
+        log.warning("%s: %d sequence(s) repeat an earlier sequence's tokens exactly", out, duplicates)
     sequences = sum(s["rows"] for s in manifest["shards"])
     return {"tokens": tokens, "sequences": sequences, "shards": len(manifest["shards"]),
             "mean_length": tokens / max(1, sequences), "generated_this_run": generated, "wall_s": wall,
             "tokens_per_s": generated / wall if wall else 0.0,
-            "complete": tokens == manifest["job"]["tokens"]}
+            "duplicates": duplicates, "complete": tokens == manifest["job"]["tokens"]}
 

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from synthdata.check import sampling_check
-from synthdata.job import GenerateConfig, JobError, generate, plan_shards, sequence_draws
+from synthdata.job import (GenerateConfig, JobError, content_hash, duplicate_sequences, generate, plan_shards,
+                           sequence_draws)
 from synthdata.loader import TokenShards
 from synthdata.teacher import TeacherError
 from conftest import SYNTH_SHARD_TOKENS, SYNTH_TOKENS
@@ -35,6 +36,16 @@ def test_plan_is_exact_and_seeds_are_fixed():
     assert draws[100:] == sequence_draws(plans[0].seed, 100, 200, members=3)  # a sequence's seed is its own
     counts = np.bincount([m for _, m in draws], minlength=3)
     assert counts.min() > 60  # members drawn roughly uniformly
+
+
+def test_sequence_seeds_are_wide_enough_not_to_collide():
+    """Every sequence starts from BOS, so equal seeds are equal sequences. 200k draws: a 31-bit seed gives
+    ~9 colliding pairs (P(none) ~ 1e-4); a 63-bit one gives none (P(any) ~ 2e-9)."""
+    seeds = [s for p in plan_shards(200_000, 1_000, seed=0) for s, _ in sequence_draws(p.seed, 0, 1_000, members=1)]
+    assert len(seeds) == 200_000 and len(set(seeds)) == len(seeds)
+    assert max(seeds) >= 2**62 and 0 <= min(seeds) and max(seeds) < 2**63  # really 63 bits, and fits int64
+    narrow = [s >> 32 for s in seeds]  # negative control: the same draws cut to 31 bits do collide
+    assert len(set(narrow)) < len(narrow)
 
 
 def test_killed_job_resumes_to_the_exact_budget_without_duplicates(synthetic_job):
@@ -58,6 +69,13 @@ def test_killed_job_resumes_to_the_exact_budget_without_duplicates(synthetic_job
     hashes = [hashlib.sha256(np.asarray(r["tokens"], np.int32).tobytes()).hexdigest() for r in all_rows]
     assert len(set(hashes)) == len(hashes)
     assert synthetic_job["summary"]["tokens"] == SYNTH_TOKENS and synthetic_job["summary"]["complete"]
+    # each row records its own seed and content hash; the job counts duplicates (none here) ...
+    assert all(r["content_sha256"] == content_hash(np.asarray(r["tokens"])) for r in all_rows)
+    assert len({r["sequence_seed"] for r in all_rows}) == len(all_rows)
+    assert synthetic_job["summary"]["duplicates"] == 0
+    # ... and would see them: a manifest listing one shard twice has that shard's rows as duplicates
+    doubled = {"shards": manifest["shards"] + manifest["shards"][:1]}
+    assert duplicate_sequences(out, doubled) == manifest["shards"][0]["rows"]
 
 
 def test_resume_names_and_remakes_the_corrupt_shard_identically(synthetic_job):
@@ -82,12 +100,15 @@ def test_rows_carry_teacher_identity_and_settings(synthetic_job, packed_teacher)
 
 
 def test_finished_job_reruns_as_a_no_op(synthetic_job):
-    before = {p.name: sha256_file(p) for p in synthetic_job["out"].iterdir() if p.is_file()}
+    def files():  # the lock file records its latest holder, so it is rewritten by every run
+        return {p.name: sha256_file(p) for p in synthetic_job["out"].iterdir() if p.is_file() and p.name != ".chorus.lock"}
+
+    before = files()
     again = subprocess.run(synthetic_job["cmd"], env=synthetic_job["env"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "nothing to do" in again.stderr
     assert json.loads(again.stdout.strip().splitlines()[-1])["generated_this_run"] == 0
-    assert {p.name: sha256_file(p) for p in synthetic_job["out"].iterdir() if p.is_file()} == before
+    assert files() == before
 
 
 def test_loader_streams_synthetic_and_real_shards(synthetic_job, tiny_dataset):
