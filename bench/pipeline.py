@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import socket
 import time
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from train.artifacts import OutputLock, atomic_write_json, atomic_write_text
 from train.console import exit_on, setup_logging
 
 log = logging.getLogger("chorus")
@@ -56,9 +56,7 @@ def _stage(name: str, i: int, n: int) -> float:
 
 
 def _write_json(path: Path, record: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, record)
 
 
 def check_endpoint(model_dir: Path, port: int, address: str | None) -> dict:
@@ -126,6 +124,12 @@ def heldout_next_word(data_dir: Path, n: int, choices: int = 4, seed: int = 0) -
 
 
 def run(cfg: PipelineConfig) -> dict:
+    """The main job in cfg.out (one job per directory: a second is refused, naming the first)."""
+    with OutputLock(cfg.out):
+        return _run(cfg)
+
+
+def _run(cfg: PipelineConfig) -> dict:
     from bench.downstream import evaluate_items, read_task
     from bench.evaluate import load_model, validation_loss
     from distill.student import DistillConfig, distill
@@ -194,7 +198,7 @@ def run(cfg: PipelineConfig) -> dict:
     next_word_path = out / "heldout_next_word.jsonl"
     if not next_word_path.exists():
         items = heldout_next_word(data_dir, cfg.next_word_items)
-        next_word_path.write_text("".join(json.dumps(i) + "\n" for i in items))
+        atomic_write_text(next_word_path, "".join(json.dumps(i) + "\n" for i in items))  # a re-run trusts it
     tasks = {"held-out next word (4 choices)": next_word_path, **{Path(p).stem: Path(p) for p in cfg.tasks}}
     tokenizer = load_tokenizer(data_dir / "tokenizer")
     models = {"best member": member_dirs[int(np.argmin([losses[f"member seed {i}"] for i in range(cfg.k)]))],
@@ -215,7 +219,7 @@ def run(cfg: PipelineConfig) -> dict:
                "wall_s": time.perf_counter() - t0, "paths": {"data": str(data_dir), "members": [str(d) for d in member_dirs],
                                                            "ensemble": str(ensemble_dir), "student": str(student_dir)}}
     report = render_report(cfg, manifest, summary, downstream)
-    (out / "REPORT.md").write_text(report)
+    atomic_write_text(out / "REPORT.md", report)
     _write_json(out / "summary.json", summary)
     print(report)
     return summary

@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from train.artifacts import OutputLock, atomic_write_json
 from train.console import exit_on, setup_logging
 from train.search import Ledger
 
@@ -143,9 +144,7 @@ class StudyConfig:
 # ---- bookkeeping: results.json and the evaluation cache --------------------------------------------
 
 def _write_json(path: Path, record) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, record)
 
 
 def model_ids(model_dirs: list[str]) -> list[list]:
@@ -931,7 +930,8 @@ def run_study(cfg: StudyConfig) -> dict:
     import torch
 
     torch.set_num_threads(cfg.parallel)  # evaluation in this process: as many cores as training may use
-    return Study(cfg).run()
+    with OutputLock(cfg.out):  # one study per directory: a second is refused, naming the first
+        return Study(cfg).run()
 
 
 def build_parser() -> argparse.ArgumentParser:

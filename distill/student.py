@@ -12,14 +12,13 @@ recipe. After training, OUT/mixture.json records what the student actually consu
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from distill.mixture import MixtureBatches
 from synthdata.loader import TokenShards
+from train.artifacts import atomic_write_json
 from train.data import DataError, load_tokens, read_manifest, windows
 from train.trainer import TrainConfig, train_loop, validation_windows
 
@@ -101,9 +100,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, progress: bool = True) -> d
     result = train_loop(student, run_dir, batches, validation_windows(tc.data_dir, tc.context), progress)
     consumed = {**mixture, **plan, "synthetic_windows": len(syn[0]), "real_windows": len(real[0])}
     path = Path(run_dir) / "mixture.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(consumed, indent=1))
-    os.replace(tmp, path)
+    atomic_write_json(path, consumed)
     log.info("student %s: val loss %.4f; consumed %d real rows (%.2f epochs) and %d synthetic rows (%.2f passes)",
              result["model_dir"], result["val_loss"], plan["real_rows"], plan["real_epochs"],
              plan["synthetic_rows"], plan["synthetic_passes"])

@@ -204,8 +204,8 @@ def train_loop(cfg: TrainConfig, run_dir: str | Path, batches: BatchSource, val:
     Returns the result record (also written to run_dir/result.json, last, when everything is saved).
     """
     run_dir = Path(run_dir)
-    claim_run_dir(run_dir, cfg.identity())
     with OutputLock(run_dir):
+        claim_run_dir(run_dir, cfg.identity())
         return _train_loop(cfg, run_dir, batches, val, progress, peak_flops)
 
 
