@@ -144,10 +144,9 @@ def read_manifest(path: str | Path, fmt: str, what: str, missing: str | None = N
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise error(f"corrupt manifest {path}: {e}") from None
-    if not isinstance(manifest, dict):
-        raise error(f"corrupt manifest {path}: a JSON {type(manifest).__name__}, not an object")
-    if manifest.get("format") != fmt:
-        raise error(f"{path} is not a {what} (format {manifest.get('format')!r}, expected {fmt!r})")
+    found = manifest.get("format") if isinstance(manifest, dict) else f"none: a JSON {type(manifest).__name__}"
+    if found != fmt:
+        raise error(f"{path} is not a {what} (format {found!r}, expected {fmt!r})")
     return manifest
 
 

@@ -9,6 +9,7 @@ from train.console import exit_on, setup_logging
 from train.corpus import CorpusError, default_corpus
 from train.data import DataError, DatasetSpec, prepare_dataset
 from train.model import PRESETS, ShapeError, get_shape
+from train.artifacts import ArtifactError
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +40,7 @@ def cmd_data(args) -> None:
     corpus = args.corpus or [str(default_corpus(args.cache_dir))]
     manifest = prepare_dataset(
         DatasetSpec(corpus=tuple(corpus), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                    val_max_tokens=args.val_tokens, max_chars=args.max_chars),
+                    val_max_tokens=args.val_tokens, max_chars=args.max_chars, tokenizer=args.tokenizer),
         args.data_dir,
     )
     print(json.dumps({k: {"tokens": v["tokens"], "documents": v["documents"]} for k, v in manifest["splits"].items()}))
@@ -61,7 +62,7 @@ def cmd_members(args) -> None:
         args.epochs, args.wd = joint_recipe(args.epochs, args.wd)
         logging.info("joint recipe: members at %d epochs, weight decay %g", args.epochs, args.wd)
     configs = [train_config_from_args(args, seed) for seed in range(args.seed, args.seed + args.k)]
-    results = train_members(configs, args.out, address=args.address, parallel=args.parallel)
+    results = train_members(configs, args.out, address=args.address, parallel=args.parallel, separate=args.separate)
     for r in results:
         print(json.dumps({"seed": r["config"]["seed"], "val_loss": r["val_loss"], "model_dir": r["model_dir"]}))
 
@@ -79,7 +80,8 @@ def cmd_search(args) -> None:
         space = space.replace(epochs=tuple(args.epochs_grid))
     base = train_config_from_args(args, args.seed)
     outcome = coordinate_descent(base, space, args.out, start=(args.epochs, args.lr, args.wd),
-                                 address=args.address, parallel=args.parallel, max_rounds=args.max_rounds)
+                                 address=args.address, parallel=args.parallel, max_rounds=args.max_rounds,
+                                 separate=args.separate)
     print(runs_table(outcome))
     opt = outcome["optimum"]
     status = "certified" if outcome["certified"] else "NOT certified"
@@ -99,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", nargs="+", help="corpus files or directories (default: the built-in default corpus)")
     p.add_argument("--data-dir", required=True, help="output dataset directory")
     p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
+    p.add_argument("--tokenizer", help="use this Hugging Face model's (or tokenizer's) directory's tokenizer instead of "
+                                       "training one: for continued pre-training of that model (--init-from); its "
+                                       "tokenizer.json is copied as is, so the manifest's tokenizer hash matches the base")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
     p.add_argument("--val-tokens", type=int, default=100_000, help="cap on validation tokens (default 100000)")
     p.add_argument("--max-chars", type=int, help="read at most this many characters of the corpus")
@@ -111,15 +116,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory; the model lands in OUT/model")
     p.set_defaults(func=cmd_member)
 
-    p = sub.add_parser("members", help="train K seed members of one configuration as parallel Ray tasks")
+    p = sub.add_parser("members", help="train K seed members of one configuration (stacked in one process by default)",
+                       description="K members that differ only by seed. By default they are trained as one stack: "
+                                   "one model whose weights carry a member axis, so every op runs once for all K "
+                                   "(on small models a step is per-op overhead, so this is several times faster than "
+                                   "K runs). Each member keeps its own initialisation, data order and AdamW state, "
+                                   "and lands in an ordinary run directory, the same as a member trained alone. "
+                                   "The stack's checkpoint lives in OUT/.stack-<hash>/ until every member is written; "
+                                   "re-run the same command after a kill. A K that would not fit in memory is refused "
+                                   "with the estimate. --separate trains each member as its own run on Ray instead.")
     add_train_args(p)
     p.add_argument("--k", type=int, default=3, help="number of members (default 3)")
     p.add_argument("--seed", type=int, default=0, help="first seed; members use seed .. seed+k-1")
     p.add_argument("--joint", action="store_true",
                    help="joint recipe: given the single-model optimum in --epochs/--wd, train at 2x epochs and 0.5x wd (floor 0.1)")
     p.add_argument("--out", required=True, help="directory; member i lands in OUT/seed-<i>/model")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--parallel", type=int, default=0, help="runs at once (default: one per CPU)")
+    p.add_argument("--separate", action="store_true",
+                   help="train each member as its own run, in parallel as Ray tasks (the pre-stacking path)")
+    p.add_argument("--address", help="with --separate: Ray cluster address (default: start a local Ray)")
+    p.add_argument("--parallel", type=int, default=0, help="with --separate: runs at once (default: one per CPU)")
     p.set_defaults(func=cmd_members)
 
     p = sub.add_parser("search", help="coordinate descent over (epochs, lr, wd) with 6-neighbour certification",
@@ -133,8 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wds", type=float, nargs="+", help="weight-decay grid (default: the paper's)")
     p.add_argument("--epochs-grid", type=int, nargs="+", help="epochs grid (default: the paper's)")
     p.add_argument("--max-rounds", type=int, default=20, help="moves before giving up on certification")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
-    p.add_argument("--parallel", type=int, default=0, help="trials at once (default: one per CPU)")
+    p.add_argument("--separate", action="store_true",
+                   help="train each trial as its own Ray task (default: a round's trials with the same epochs are "
+                        "trained as one stack, with per-trial lr and wd)")
+    p.add_argument("--address", help="with --separate: Ray cluster address (default: start a local Ray)")
+    p.add_argument("--parallel", type=int, default=0, help="with --separate: trials at once (default: one per CPU)")
     p.set_defaults(func=cmd_search)
     return parser
 
@@ -142,5 +160,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    with exit_on(CorpusError, DataError, ShapeError):
+    with exit_on(CorpusError, ArtifactError, ShapeError):  # ArtifactError: DataError, a held output, a stack too big
         args.func(args)

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from train.artifacts import ArtifactError, OutputLock, atomic_write_json, publish_file, sha256_file
+from train.artifacts import ArtifactError, OutputLock, atomic_write_bytes, atomic_write_json, publish_file, sha256_file
 from train.artifacts import read_manifest as read_json_manifest
 from train.corpus import CorpusError, corpus_files, read_documents
 
@@ -47,6 +47,7 @@ class DatasetSpec:
     val_fraction: float = 0.05
     val_max_tokens: int = 100_000
     max_chars: int | None = None  # read at most this much of the corpus (large corpora)
+    tokenizer: str | None = None  # an existing model's tokenizer directory (continued pre-training); None: train one
 
 
 def _doc_hash(doc: str) -> str:
@@ -56,7 +57,12 @@ def _doc_hash(doc: str) -> str:
 def _inputs_key(spec: DatasetSpec) -> dict:
     files = corpus_files(list(spec.corpus))
     stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
-    return json.loads(json.dumps({"spec": asdict(spec), "files": stats}))  # as it reads back from the manifest
+    key = {"spec": asdict(spec), "files": stats}
+    if not spec.tokenizer:
+        del key["spec"]["tokenizer"]  # datasets made before the option existed stay the same dataset
+    else:
+        key["tokenizer_sha256"] = tokenizer_hash(_tokenizer_source(spec.tokenizer))
+    return json.loads(json.dumps(key))  # as it reads back from the manifest
 
 
 def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path):
@@ -83,6 +89,37 @@ def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path):
     )
     fast.save_pretrained(out_dir)
     return fast
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def _tokenizer_source(source: str | Path) -> Path:
+    source = Path(source)
+    if not (source / "tokenizer.json").is_file():
+        raise DataError(f"--tokenizer {source}: no tokenizer.json there (a Hugging Face model or tokenizer directory "
+                        "with a fast tokenizer is needed)")
+    return source
+
+
+def adopt_tokenizer(source: str | Path, out_dir: Path):
+    """Use an existing model's tokenizer (a Hugging Face directory with tokenizer.json): its files are copied
+    byte for byte, so the dataset's tokenizer_sha256 equals the base model's and a mismatch can be named.
+    The tokenizer must define BOS and EOS (every document is stored as BOS ... EOS)."""
+    source = _tokenizer_source(source)
+    try:
+        tokenizer = load_tokenizer(source)
+    except Exception as e:  # transformers raises many kinds for a damaged directory
+        raise DataError(f"--tokenizer {source}: cannot be loaded as a tokenizer ({e})") from e
+    missing = [name for name in ("bos_token_id", "eos_token_id") if getattr(tokenizer, name) is None]
+    if missing:
+        raise DataError(f"--tokenizer {source}: the tokenizer defines no {' or '.join(m[:3].upper() for m in missing)} "
+                        "token; Chorus stores every document as BOS ... EOS")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            atomic_write_bytes(out_dir / name, (source / name).read_bytes())
+    return load_tokenizer(out_dir)
 
 
 def load_tokenizer(path: str | Path):
@@ -151,16 +188,21 @@ def _prepare_dataset(spec: DatasetSpec, out_dir: Path) -> dict:
     log.info("corpus: %d documents (%d train, %d validation)", len(order), len(train), len(val))
 
     tok_dir = out_dir / "tokenizer"
-    tokenizer = train_tokenizer([d for _, d in train], spec.vocab_size, tok_dir)
+    if spec.tokenizer:
+        tokenizer = adopt_tokenizer(spec.tokenizer, tok_dir)
+        log.info("tokenizer: %s (vocabulary %d), adopted from %s", tok_dir, len(tokenizer), spec.tokenizer)
+    else:
+        tokenizer = train_tokenizer([d for _, d in train], spec.vocab_size, tok_dir)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
 
     def encode(split_docs):
+        # Special tokens added by hand, not by the tokenizer's post-processor: a foreign tokenizer may add
+        # none, or others; every document is stored as exactly BOS ... EOS either way.
         ids = []
         texts = [d for _, d in split_docs]
         for i in tqdm(range(0, len(texts), 256), desc="tokenizing", unit="batch"):
-            enc = tokenizer(texts[i : i + 256], add_special_tokens=True)["input_ids"]
-            ids.extend(e + [eos] for e in enc)
-        assert all(e[0] == bos for e in ids)
+            enc = tokenizer(texts[i : i + 256], add_special_tokens=False)["input_ids"]
+            ids.extend([bos] + e + [eos] for e in enc)
         return ids
 
     train_ids, val_ids = encode(train), encode(val)
@@ -178,7 +220,7 @@ def _prepare_dataset(spec: DatasetSpec, out_dir: Path) -> dict:
         "vocab_size": len(tokenizer),
         "bos_token_id": bos,
         "eos_token_id": eos,
-        "pad_token_id": tokenizer.pad_token_id,
+        "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         "tokenizer_sha256": tokenizer_hash(tok_dir),
         "splits": {
             "train": {"shards": _write_shards(out_dir, "train", train_ids, [h for h, _ in train])},

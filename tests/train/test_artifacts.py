@@ -60,7 +60,7 @@ def test_json_and_manifest_readers_name_the_file(tmp_path):
     with pytest.raises(ArtifactError, match=str(bad)):
         read_json(bad, "result")
     bad.write_text("[1, 2]")
-    with pytest.raises(ArtifactError, match="list, not an object"):
+    with pytest.raises(ArtifactError, match="is not a Chorus x manifest .*a JSON list"):
         read_manifest(bad, "chorus.x.v1", "Chorus x manifest")
     bad.write_text(json.dumps({"format": "chorus.y.v1"}))
     with pytest.raises(ArtifactError, match="is not a Chorus x manifest"):

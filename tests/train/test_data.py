@@ -126,3 +126,39 @@ def test_windows_cover_every_target_once():
     valid = targets[targets != IGNORE_INDEX]
     np.testing.assert_array_equal(valid, stream[1:])  # every token but the first is a target, once, in order
     np.testing.assert_array_equal(inputs[0, 1:], targets[0, :-1])
+
+
+def test_dataset_with_an_existing_models_tokenizer(corpus_dir, tmp_path):
+    """`train data --tokenizer DIR` (continued pre-training): the base's tokenizer is used as is, its hash recorded."""
+    from train.artifacts import sha256_file
+
+    base = prepare_dataset(DatasetSpec(corpus=(str(corpus_dir),), vocab_size=300), tmp_path / "base")
+    base_tok = tmp_path / "base" / "tokenizer"
+    domain = tmp_path / "domain.jsonl"
+    domain.write_text("".join(json.dumps({"text": f"def f{i}(x):\n    return x * {i} + the miller"}) + "\n"
+                              for i in range(40)))
+    spec = DatasetSpec(corpus=(str(domain),), vocab_size=999, tokenizer=str(base_tok))
+    manifest = prepare_dataset(spec, tmp_path / "cpt")
+    assert manifest["tokenizer_sha256"] == base["tokenizer_sha256"] == sha256_file(base_tok / "tokenizer.json")
+    assert manifest["vocab_size"] == base["vocab_size"]  # the base's vocabulary, not --vocab-size
+    tok = load_tokenizer(tmp_path / "cpt" / "tokenizer")
+    stream = load_tokens(tmp_path / "cpt", "train")
+    first_doc = stream[: int(np.argmax(stream == manifest["eos_token_id"])) + 1]
+    assert first_doc[0] == manifest["bos_token_id"] and first_doc[-1] == manifest["eos_token_id"]
+    assert "return x *" in tok.decode(first_doc[1:-1])
+    assert prepare_dataset(spec, tmp_path / "cpt") == manifest  # reused on re-run
+    # negative control: a dataset that trains its own tokenizer on the domain has another hash
+    own = prepare_dataset(DatasetSpec(corpus=(str(domain),), vocab_size=300), tmp_path / "own")
+    assert own["tokenizer_sha256"] != base["tokenizer_sha256"]
+
+
+def test_bad_tokenizer_directories_are_named(corpus_dir, tmp_path):
+    empty = tmp_path / "not-a-model"
+    empty.mkdir()
+    with pytest.raises(DataError, match=f"--tokenizer {empty}: no tokenizer.json"):
+        prepare_dataset(DatasetSpec(corpus=(str(corpus_dir),), tokenizer=str(empty)), tmp_path / "a")
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match=f"--tokenizer {garbled}: cannot be loaded"):
+        prepare_dataset(DatasetSpec(corpus=(str(corpus_dir),), tokenizer=str(garbled)), tmp_path / "b")
