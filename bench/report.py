@@ -7,17 +7,17 @@ that should not be trusted cannot be read without its warning.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")  # files only, no display: reports are written on headless machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from bench.fits import DataEfficiency, JointLimitFit, PowerLawFit  # noqa: E402
+from bench.fits import DataEfficiency, JointLimitFit, PowerLawFit
+from train.artifacts import atomic_write_text, publish_file
 
 
 def _cell(value) -> str:
@@ -43,30 +43,41 @@ def _flags(flags: Sequence[str]) -> str:
 
 
 def fit_table(fits: Mapping[str, PowerLawFit], x_name: str = "x") -> str:
-    """One row per fitted law L = A / x^B + C: parameters, C with bootstrap spread and interval, flags."""
+    """One row per fitted law L = A / x^B + C: parameters, C with bootstrap spread and percentile interval, the
+    range of C with B fixed over B_hat x [0.5, 2], flags. A law that is not identified shows its ordering only."""
     rows = []
     for name, fit in fits.items():
-        lo, hi = fit.C_interval
-        interval = f"[{lo:.3f}, {hi:.3f}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a"
-        rows.append([name, fit.A, fit.B, fit.asymptote(), interval, len(fit.x), fit.bootstrap, _flags(fit.flags)])
-    headers = ["", "A", "B", "C ± bootstrap std", "C 95% interval", f"points ({x_name})", "bootstrap over", "flags"]
+        if fit.identified:
+            rows.append([name, fit.A, fit.B, fit.asymptote(), fit.C_interval.text(), fit.B_band(), len(fit.x),
+                         fit.bootstrap, _flags(fit.flags)])
+        else:
+            rows.append([name, "", "", fit.asymptote(), f"ordering only: {fit.ordering()}", "", len(fit.x),
+                         fit.bootstrap, _flags(fit.flags)])
+    headers = ["", "A", "B", "C ± bootstrap std", "C 95% interval", "C with B fixed (sensitivity)",
+               f"points ({x_name})", "bootstrap over", "flags"]
     return markdown_table(headers, rows)
 
 
 def joint_limit_table(joint: JointLimitFit, n_name: str = "N") -> str:
-    """The K-limit at each N, then the joint asymptote."""
-    rows = [[f"{n_name}={n:g}, K -> inf", fit.asymptote(), _flags(fit.flags)] for n, fit in joint.per_n.items()]
-    rows.append([f"joint ({n_name}, K -> inf)", joint.asymptote(), _flags(joint.over_n.flags if joint.over_n else ["no fit"])])
-    return markdown_table(["limit", "C ± bootstrap std", "flags"], rows)
+    """The K-limit at each N, then the joint asymptote (the string the joint-limit plot's legend prints)."""
+    rows = [[f"{n_name}={n:g}, K -> inf", fit.asymptote(), fit.C_interval.text() if fit.identified else "",
+             _flags(fit.flags)] for n, fit in joint.per_n.items()]
+    rows.append([f"joint ({n_name}, K -> inf)", joint.asymptote(), joint.C_interval.text() if joint.identified else "",
+                 _flags(joint.over_n.flags if joint.over_n else ["no fit"])])
+    return markdown_table(["limit", "C ± bootstrap std", "C 95% interval", "flags"], rows)
 
 
 def efficiency_table(efficiencies: Mapping[str, DataEfficiency]) -> str:
+    """Multipliers with their percentile intervals; 'quote' says whether one may be quoted (inside the data
+    law's fitted range, law identified) or must stay out of a headline."""
     rows = []
     for name, e in efficiencies.items():
-        lo, hi = e.interval
-        interval = f"[{lo:.2f}, {hi:.2f}]" if math.isfinite(lo) and math.isfinite(hi) else "n/a"
-        rows.append([name, e.tokens, e.loss, e.equivalent_tokens, f"{e.efficiency:.2f}x", interval, _flags(e.flags)])
-    headers = ["recipe", "tokens D", "loss L", "standard recipe's D(L)", "efficiency D(L)/D", "95% interval", "flags"]
+        eff = f"{e.efficiency:.2f}x" if e.identified and not math.isnan(e.efficiency) else "n/a"
+        quote = "yes" if e.headline else ("extrapolated" if e.extrapolated and e.identified else "no")
+        rows.append([name, e.tokens, e.loss, e.equivalent_tokens, eff, e.interval.text(2) if e.identified else "n/a",
+                     quote, _flags(e.flags)])
+    headers = ["recipe", "tokens D", "loss L", "standard recipe's D(L)", "efficiency D(L)/D", "95% interval",
+               "quote", "flags"]
     return markdown_table(headers, rows)
 
 
@@ -74,9 +85,7 @@ def write_text(path: str | Path, text: str) -> Path:
     """Write a report file whole or not at all."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(path, text)
     return path
 
 
@@ -86,7 +95,7 @@ def _save(fig, path: str | Path) -> Path:
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=120, bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
+    publish_file(tmp, path)
     return path
 
 
@@ -101,7 +110,7 @@ def plot_scaling(series: Mapping[str, tuple[Sequence[float], Sequence[float], Po
     for i, (name, (x, y, fit)) in enumerate(series.items()):
         color = f"C{i}"
         ax.scatter(x, y, color=color, s=18, zorder=3, label=name)
-        if fit is not None and fit.converged:
+        if fit is not None and fit.identified:
             grid = np.geomspace(min(fit.x), 4 * max(fit.x), 200)
             ax.plot(grid, fit.predict(grid), color=color, lw=1.4)
             flag = " (flagged)" if fit.flags else ""
@@ -121,13 +130,13 @@ def plot_data_efficiency(data_law: PowerLawFit, efficiencies: Mapping[str, DataE
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.scatter(data_law.x, data_law.y, color="k", s=18, zorder=3, label="standard recipe (best over N)")
     top = max([*data_law.x, *(e.equivalent_tokens for e in efficiencies.values() if math.isfinite(e.equivalent_tokens))])
-    if data_law.converged:
+    if data_law.identified:
         grid = np.geomspace(min(data_law.x), 1.5 * top, 200)
         ax.plot(grid, data_law.predict(grid), color="k", lw=1.2, label=f"L(D), C = {data_law.asymptote()}")
         ax.axhline(data_law.C, color="k", ls="--", lw=0.8)
     for i, (name, e) in enumerate(efficiencies.items()):
         color = f"C{i}"
-        ax.scatter([e.tokens], [e.loss], color=color, marker="s", s=30, zorder=4, label=f"{name}: {e.efficiency:.2f}x")
+        ax.scatter([e.tokens], [e.loss], color=color, marker="s", s=30, zorder=4, label=f"{name}: {e.multiplier()}")
         if math.isfinite(e.equivalent_tokens):
             ax.annotate("", xy=(e.equivalent_tokens, e.loss), xytext=(e.tokens, e.loss),
                         arrowprops={"arrowstyle": "->", "color": color})

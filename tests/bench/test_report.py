@@ -23,7 +23,7 @@ def test_fit_tables_show_uncertainty_and_flags():
     bad = fit_power_law([0.15, 0.3], [3.84, 3.79])
     table = fit_table({"regularized": good, "standard": bad}, "N")
     assert "3.430 ± " in table
-    assert "need >= 3" in table
+    assert "need >= 4" in table
     joint = fit_joint_limit([(m, k, 0.3 / k + 0.05 / m + 3.17) for m in n[:4] for k in (1, 2, 3, 4)], n_boot=10)
     assert "joint (N, K -> inf) | 3.170 ± " in joint_limit_table(joint)
     law = fit_power_law([0.2, 0.4, 0.8, 1.6, 3.2], [2.0 / d**0.25 + 3.0 for d in (0.2, 0.4, 0.8, 1.6, 3.2)], n_boot=20)
