@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -18,11 +19,12 @@ from pathlib import Path
 import httpx
 
 from serve.pack import PackError, check_weights, read_config
+from train.ray_session import connect_ray, disconnect_ray, is_loopback, keep_serve_replica_on_loopback
 
 log = logging.getLogger(__name__)
 
 APP_NAME = "chorus-ensemble"
-_started_ray = False  # whether start_app started the Ray it runs on (stop_app then stops it too)
+_started_ray = False  # whether start_app started (or joined) the Ray it runs on: stop_app then stops (or leaves) it
 # Base models have no chat template of their own: a plain transcript that ends where the assistant speaks.
 PLAIN_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -44,12 +46,14 @@ class EnsembleConfig:
     replicas: int = 1
     api_key: str | None = None  # Bearer key required on every route but /health
     host: str = "127.0.0.1"
+    allow_unauthenticated: bool = False  # serve a non-loopback host without an API key (refused otherwise)
     port: int = 8000
     max_model_len: int | None = None  # default: the members' context
     kv_cache_bytes: int = 1 << 30  # per replica; the CPU build needs it explicitly
     max_num_seqs: int = 64
     enforce_eager: bool = True  # CPU: skip torch.compile, start in seconds instead of minutes
     cpus_per_replica: float = 1.0  # what Ray reserves; the engine's own processes do the work
+    max_replicas_per_node: int | None = None  # on a cluster, 1 puts every replica on its own node
     seed: int = 0
 
     @property
@@ -57,10 +61,15 @@ class EnsembleConfig:
         return self.served_model_name or Path(self.model_dir).name
 
     def check(self) -> None:
+        if not is_loopback(self.host) and not self.api_key and not self.allow_unauthenticated:
+            raise ServeError(f"host {self.host} would serve the endpoint beyond this machine to anyone: give an API "
+                             f"key, or allow unauthenticated access explicitly (--allow-unauthenticated) if intended")
         read_config(self.model_dir)  # a clear error for a directory that is not a model
         check_weights(self.model_dir)  # a truncated, damaged or corrupt weights file is named before any engine starts
         if self.replicas < 1:
             raise PackError(f"replicas must be >= 1 (got {self.replicas})")
+        if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
+            raise PackError(f"max_replicas_per_node must be >= 1 (got {self.max_replicas_per_node})")
         if not 0 < self.port < 65536:
             raise PackError(f"port must be in 1..65535 (got {self.port})")
 
@@ -113,6 +122,96 @@ class ApiKeyGuard:
         await self.app(scope, receive, send)
 
 
+def error_reply(status: int, message: str, param: str | None = None) -> tuple[dict, bytes]:
+    """An ASGI response start and body in vLLM's error shape: {"error": {"message", "type", "param", "code"}}."""
+    body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": param,
+                                 "code": status}}).encode()
+    start = {"type": "http.response.start", "status": status,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
+    return start, body
+
+
+def lone_surrogate_field(value, path: str = "") -> str | None:
+    """The path (e.g. `stop[1]`, `messages[0].content`, `logit_bias` for a key) of the first string or object
+    key in a parsed JSON value that holds a lone UTF-16 surrogate; None when every string is valid Unicode."""
+    if isinstance(value, str):
+        return (path or "(the body)") if _LONE_SURROGATE.search(value) else None
+    items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) else ()
+    for key, item in items:
+        if isinstance(key, str) and _LONE_SURROGATE.search(key):
+            return path or "(the body)"  # a key of this object: the object is the field to name
+        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
+        if found := lone_surrogate_field(item, where):
+            return found
+    return None
+
+
+# After json.loads a surrogate pair is one character, so any surrogate left is a lone one.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+# A JSON body can only carry a surrogate as a \\uD800-\\uDFFF escape (raw surrogate bytes are not UTF-8).
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+class TextGuard:
+    """ASGI middleware: a JSON request holding a lone UTF-16 surrogate (`"\\ud800"`) in any string field of any
+    route gets a 400 that names the field, before vLLM sees it.
+
+    Such a string is valid JSON but not text: it cannot be encoded, so vLLM's tokenizer, stop-string and
+    bad-words handling fail on it deep inside the engine's input path, as a 500 (or, streaming, as a 200
+    with an error event). Only bodies that contain a surrogate escape are parsed here; every other request
+    passes untouched (its body replayed as it came)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending it all: the app sees that
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        if _SURROGATE_ESCAPE.search(body):
+            try:
+                field = lone_surrogate_field(json.loads(body))
+            except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past Python's stack: vLLM's
+                field = None  # own parser answers those with a 400
+            if field:
+                start, reply = error_reply(400, f"field '{field}' holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF "
+                                                f"escape without its pair), which is not text: send valid Unicode", field)
+                await send(start)
+                await send({"type": "http.response.body", "body": reply})
+                return
+        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
+
+
+def _replay(first: list[dict], receive):
+    """An ASGI `receive` that gives the messages already read (`first`) before reading on."""
+    pending = list(first)
+
+    async def replay():
+        return pending.pop(0) if pending else await receive()
+
+    return replay
+
+
+class ReplicaExit:
+    """Stands in for the uvicorn server vLLM's own launcher puts at `app.state.server`.
+
+    vLLM's engine-error handler (and its watchdog) set `server.should_exit` when the engine has died, to stop
+    the process; under Ray Serve there is no such server, and without this object that handler itself
+    failed (AttributeError: a 500 saying "'State' object has no attribute 'server'"). Here the flag is read
+    by the replica's health check instead, so Serve replaces the replica."""
+
+    should_exit = False
+
+
 class EnsembleServer:
     """One replica: an AsyncLLM on the ensemble and vLLM's OpenAI app over it."""
 
@@ -125,17 +224,30 @@ class EnsembleServer:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        keep_serve_replica_on_loopback()  # before Serve starts this replica's gRPC server, after this constructor
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(config.vllm_cli_args())
         engine_args = AsyncEngineArgs.from_cli_args(args)
         self.engine = AsyncLLM.from_engine_args(engine_args, usage_context=UsageContext.OPENAI_API_SERVER)
         tasks = await self.engine.get_supported_tasks()
         self.openai_app = build_vllm_app(args, tasks, self.engine.model_config)
         await init_app_state(self.engine, self.openai_app.state, args, tasks)
+        self.openai_app.state.server = ReplicaExit()  # what vLLM's error path reads; see ReplicaExit
         self.api_key = config.api_key
 
     def __serve_build_asgi_app__(self):
-        # Wrapped, not add_middleware: vLLM's app has built its middleware stack by now.
-        return ApiKeyGuard(self.openai_app, self.api_key) if self.api_key else self.openai_app
+        # Wrapped, not add_middleware: vLLM's app has built its middleware stack by now. The key is checked
+        # first, so a caller without it learns nothing about what the body would have been answered.
+        app = TextGuard(self.openai_app)
+        return ApiKeyGuard(app, self.api_key) if self.api_key else app
+
+    async def check_health(self) -> None:
+        """Serve's health check (every `health_check_period_s`): raising makes Serve replace this replica.
+
+        A dead engine core (killed, crashed, out of memory) leaves this actor alive, answering every request
+        with an error; this tells Serve so."""
+        if self.openai_app.state.server.should_exit:
+            raise RuntimeError("vLLM's error handler asked this replica to exit: its engine is dead")
+        await self.engine.check_health()  # raises EngineDeadError once the engine core process is gone
 
     def __del__(self):
         if hasattr(self, "engine"):
@@ -155,6 +267,7 @@ def build_app(config: EnsembleConfig):
         ray_actor_options={"num_cpus": config.cpus_per_replica},
         health_check_period_s=10,
         health_check_timeout_s=60,
+        **({"max_replicas_per_node": config.max_replicas_per_node} if config.max_replicas_per_node else {}),
     )
     return deployment.bind(config)
 
@@ -172,18 +285,18 @@ def wait_healthy(url: str, timeout_s: float = 600.0) -> None:
 
 
 def start_app(config: EnsembleConfig, address: str | None = None) -> str:
-    """Start Ray (local unless `address`), Serve and the app; return the base URL once it answers."""
-    import ray
+    """Start Ray (local and loopback-only unless `address`), Serve and the app; return the base URL once it answers."""
     from ray import serve
 
     global _started_ray
     config.check()
-    started_ray, deployed = not ray.is_initialized(), False
-    if started_ray:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-        _started_ray = True
+    started_ray, deployed = connect_ray(address), False
+    _started_ray = _started_ray or started_ray
     try:
-        serve.start(http_options={"host": config.host, "port": config.port})
+        # A loopback address is reachable on its own machine only: one proxy, on the head node (on a cluster of
+        # several nodes on one machine, a proxy per node would all bind this one address).
+        serve.start(http_options={"host": config.host, "port": config.port},
+                    proxy_location="HeadOnly" if is_loopback(config.host) else "EveryNode")
         check_serve_http(config)
         deployed = True  # from here on serve.run may have created the app
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
@@ -220,6 +333,5 @@ def stop_app() -> None:
     global _started_ray
     if ray.is_initialized():
         serve.shutdown()
-        if _started_ray:
-            ray.shutdown()
-            _started_ray = False
+    disconnect_ray(_started_ray)
+    _started_ray = False

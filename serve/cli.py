@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import time
+from pathlib import Path
 
 from serve.app import ServeError
 from serve.pack import COMBINE_RULES, PackError, pack_ensemble
 from train.console import exit_on, setup_logging
+
+log = logging.getLogger(__name__)
 
 
 def cmd_pack(args) -> None:
@@ -14,22 +19,51 @@ def cmd_pack(args) -> None:
     print(out)
 
 
+API_KEY_ENV = "CHORUS_API_KEY"
+
+
+def api_key_from(args) -> str | None:
+    """The endpoint's key: --api-key-file (a file holding the key), else --api-key, else $CHORUS_API_KEY.
+
+    A key on the command line is readable by every user of the machine (`ps`); a file or the environment is not."""
+    if args.api_key_file and args.api_key:
+        raise ServeError("give the API key once: --api-key-file or --api-key, not both")
+    if args.api_key_file:
+        path = Path(args.api_key_file)
+        try:
+            key = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ServeError(f"--api-key-file {path}: cannot read the key ({e})") from e
+        if not key or any(c.isspace() for c in key):
+            raise ServeError(f"--api-key-file {path}: expected one key on one line, found "
+                             f"{'nothing' if not key else 'whitespace inside it'}")
+        return key
+    if args.api_key:
+        log.warning("--api-key is visible to every user of this machine (ps, /proc): prefer $%s or --api-key-file",
+                    API_KEY_ENV)
+        return args.api_key
+    return os.environ.get(API_KEY_ENV, "").strip() or None
+
+
 def cmd_up(args) -> None:
     from serve.app import EnsembleConfig, start_app, stop_app
 
     config = EnsembleConfig(model_dir=args.model, served_model_name=args.name, replicas=args.replicas,
-                            api_key=args.api_key, host=args.host, port=args.port, max_model_len=args.max_model_len,
+                            api_key=api_key_from(args), host=args.host, port=args.port,
+                            allow_unauthenticated=args.allow_unauthenticated, max_model_len=args.max_model_len,
                             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
-                            enforce_eager=not args.compile)
-    url = start_app(config, address=args.address)
-    print(f"serving {config.model_name!r} at {url}/v1 (Ctrl-C to stop)", flush=True)
+                            enforce_eager=not args.compile, max_replicas_per_node=args.max_replicas_per_node)
     try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        stop_app()
+        url = start_app(config, address=args.address)  # a start cut short by Ctrl-C/SIGTERM tears itself down
+        print(f"serving {config.model_name!r} at {url}/v1 (Ctrl-C or SIGTERM to stop)", flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        finally:
+            print("stopping: replicas, engines, Serve and the Ray this command started", flush=True)
+            stop_app()
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (train.console.exit_on): a requested stop, not a failure
+        print("stopped", flush=True)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,14 +82,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="serve an ensemble (or member) directory as an OpenAI-compatible endpoint on Ray Serve",
                        description="Starts Ray (local unless --address), Ray Serve and N replicas, each one vLLM engine; "
-                                   "blocks until Ctrl-C.")
+                                   "blocks until Ctrl-C or SIGTERM, then stops all of it.")
     p.add_argument("--model", required=True, help="ensemble directory from `pack`, or a plain member directory")
     p.add_argument("--name", help="served model name (default: the directory's name)")
     p.add_argument("--replicas", type=int, default=1, help="engine replicas (default 1)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default 127.0.0.1; any other needs a key or --allow-unauthenticated)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every route but /health")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--api-key-file", help="file holding the key that every route but /health requires "
+                                          "('Authorization: Bearer KEY'); or set $CHORUS_API_KEY")
+    p.add_argument("--api-key", help="the key itself (visible to other users in `ps`: prefer the two above)")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve a --host other than loopback without a key (refused otherwise)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray); every node must see --model "
+                                     "at the same path (a shared filesystem)")
+    p.add_argument("--max-replicas-per-node", type=int,
+                   help="on a cluster: at most this many replicas per node (1: each replica on its own node, so a "
+                        "lost node takes one replica)")
     p.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per replica in GiB (default 1)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched at once per replica (default 64)")

@@ -1,12 +1,15 @@
 """What every stage's command line shares: one log format, and known input errors as one line and exit status 2.
 
 A known error (bad corpus, damaged file, wrong settings) is the user's to fix, so it gets its message, not a
-traceback; anything else is a bug and keeps its traceback.
+traceback; anything else is a bug and keeps its traceback. SIGTERM (what systemd, Docker, Kubernetes and
+`kill` send) stops a command exactly as Ctrl-C does, so what a command started is torn down either way.
 """
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -17,11 +20,33 @@ def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
 
 
+def sigterm_as_ctrl_c() -> None:
+    """From now on SIGTERM raises KeyboardInterrupt in the main thread, as Ctrl-C (SIGINT) does.
+
+    By default SIGTERM ends Python at once: no `finally`, no context manager's exit, so Ray, Serve replicas
+    and engines a command started outlive it. Only the first SIGTERM interrupts; later ones (a supervisor
+    repeating itself) are ignored so that the clean-up they would cut short can finish."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; a caller there sets it
+
+    def interrupt(signum, frame):
+        # A handler that does nothing, not SIG_IGN: an ignored signal stays ignored in every process started
+        # afterwards, a caught one reverts to the default there.
+        signal.signal(signal.SIGTERM, lambda *_: None)
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
 @contextmanager
 def exit_on(*known: type[Exception]) -> Iterator[None]:
-    """Run the block; a `known` error prints `error: <message>` to stderr and exits with status 2."""
+    """Run the block (SIGTERM in it acts as Ctrl-C); a `known` error prints `error: <message>` to stderr and
+    exits with status 2."""
+    from train.artifacts import ArtifactError  # a damaged file or a held output directory: every stage's
+
+    sigterm_as_ctrl_c()
     try:
         yield
-    except known as e:
+    except (ArtifactError, *known) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

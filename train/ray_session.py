@@ -21,6 +21,8 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -69,26 +71,42 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None, *, dash
 
     if ray.is_initialized():
         return False
-    if address:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        log.info("joined the Ray cluster at %s", address)
-        return True
-    cpus = num_cpus or os.cpu_count()
-    # ray_constants read the single-node switch when Ray was imported: set it for this call too.
-    multi_node = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        with _environment(LOOPBACK_ENV):
-            ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, log_to_driver=False,
-                     configure_logging=False, _node_ip_address=LOOPBACK)
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = multi_node
+    with _sigterm_handler_kept():
+        if address:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+            log.info("joined the Ray cluster at %s", address)
+            return True
+        cpus = num_cpus or os.cpu_count()
+        # ray_constants read the single-node switch when Ray was imported: set it for this call too.
+        multi_node = ray_constants.ENABLE_RAY_CLUSTER
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            with _environment(LOOPBACK_ENV):
+                ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, log_to_driver=False,
+                         configure_logging=False, _node_ip_address=LOOPBACK)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = multi_node
     node_ip = ray.util.get_node_ip_address()
     if not is_loopback(node_ip):  # a Ray that would listen on the network: stop it rather than run it
         ray.shutdown()
         raise RuntimeError(f"the local Ray came up on {node_ip}, not on loopback: refusing to run it")
     log.info("started a local Ray on %s (%s CPUs, session %s)", node_ip, cpus, session_dir())
     return True
+
+
+@contextmanager
+def _sigterm_handler_kept() -> Iterator[None]:
+    """Keep this process's own SIGTERM handler (train.console's: SIGTERM as Ctrl-C) across `ray.init`.
+
+    Ray's core installs a failure-signal handler on SIGTERM in the driver that dumps the stack and aborts
+    (exit by SIGABRT), skipping every clean-up; the crash handler for the other signals stays Ray's."""
+    main = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if callable(handler):
+            signal.signal(signal.SIGTERM, handler)
 
 
 def disconnect_ray(started: bool) -> None:
@@ -139,3 +157,18 @@ def keep_serve_replica_on_loopback() -> None:
 
     bind_loopback.chorus_loopback = True
     replica.add_port_to_grpc_server = bind_loopback
+
+
+def run_as_task(address: str, fn, *args, num_cpus: float = 1, num_gpus: float = 0, **kwargs):
+    """`fn(*args, **kwargs)` as one Ray task (titled `ray::call_as_task`) on a node of the cluster at `address`;
+    its result (or its error) here.
+
+    For a stage that computes in one process (distill, bench): `--address` sends that process's work to the
+    cluster, so every path it reads or writes must be on storage all nodes share."""
+    with ray_session(address) as ray:
+        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(call_as_task)
+        return ray.get(task.remote(fn, args, kwargs))
+
+
+def call_as_task(fn, args: tuple, kwargs: dict):
+    return fn(*args, **kwargs)

@@ -19,6 +19,7 @@ class Case:
     method: str = "POST"
     expect: str | int = "4xx"  # "4xx", "ok", or an exact status
     headers: dict = field(default_factory=dict)  # replaces the default (key + JSON content type) when given
+    names: str | None = None  # a field the error message must name
 
 
 def _json(obj) -> bytes:
@@ -152,4 +153,55 @@ def auth_cases(key: str, model: str) -> list[Case]:
         for h in headers:
             cases.append(Case(f"{path} auth {h!r}"[:100], body, path=path, expect=401,
                               headers={"Content-Type": "application/json", **h}))
+    return cases
+
+
+LONE = "\ud800"  # a lone high surrogate: valid JSON ("\\ud800"), not text
+
+
+def surrogate_cases(model: str) -> list[Case]:
+    """A lone UTF-16 surrogate in every kind of string field of every inference route, streaming or not: each
+    must get a 4xx whose message names the field (never a 5xx, nor a 200 with an error inside the stream)."""
+    completion = {"model": model, "prompt": "The history of", "max_tokens": 2}
+    chat = {"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+    cases: list[Case] = []
+
+    def case(path: str, base: dict, name: str, changes: dict) -> None:
+        body = {**base, **changes}
+        cases.append(Case(f"{path} lone surrogate in {name}{' (stream)' if body.get('stream') else ''}",
+                          _json(body), path=path, names=name))
+
+    for stream in (False, True):
+        s = {"stream": True} if stream else {}
+        for path in ("/v1/completions", "/invocations"):
+            case(path, completion, "stop", {"stop": LONE, **s})
+            case(path, completion, "stop[1]", {"stop": ["a", LONE], **s})
+            case(path, completion, "bad_words[0]", {"bad_words": [LONE], **s})
+        case("/v1/completions", completion, "prompt[1]", {"prompt": ["a", LONE], **s})
+        case("/v1/completions", completion, "suffix", {"suffix": LONE, **s})
+        case("/v1/completions", completion, "user", {"user": LONE, **s})
+        case("/v1/chat/completions", chat, "stop", {"stop": LONE, **s})
+        case("/v1/chat/completions", chat, "bad_words[0]", {"bad_words": [LONE], **s})
+        case("/v1/chat/completions", chat, "messages[0].content", {"messages": [{"role": "user", "content": LONE}], **s})
+    case("/v1/completions", completion, "model", {"model": LONE})
+    case("/v1/completions", completion, "logit_bias", {"logit_bias": {LONE: 1}})
+    case("/v1/completions", completion, "structured_outputs.regex", {"structured_outputs": {"regex": LONE}})
+    case("/v1/completions", completion, "response_format.json_schema.name",
+         {"response_format": {"type": "json_schema", "json_schema": {"name": LONE, "schema": {}}}})
+    case("/v1/chat/completions", chat, "messages[0].name", {"messages": [{"role": "user", "content": "Hi", "name": LONE}]})
+    case("/v1/chat/completions", chat, "messages[0].content[0].text",
+         {"messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]})
+    case("/v1/chat/completions", chat, "user", {"user": LONE})
+    case("/v1/chat/completions", chat, "chat_template", {"chat_template": LONE})
+    case("/v1/chat/completions", chat, "tools[0].function.name",
+         {"tools": [{"type": "function", "function": {"name": LONE, "parameters": {}}}]})
+    case("/tokenize", {"model": model}, "prompt", {"prompt": LONE})
+    case("/tokenize", {"model": model}, "messages[0].content", {"messages": [{"role": "user", "content": LONE}]})
+    case("/detokenize", {"model": model, "tokens": [5]}, "model", {"model": LONE})
+    case("/v1/responses", {"model": model, "max_output_tokens": 2}, "input", {"input": LONE})
+    case("/v1/responses", {"model": model, "input": "Hi", "max_output_tokens": 2}, "instructions", {"instructions": LONE})
+    case("/v1/messages", {"model": model, "max_tokens": 2}, "messages[0].content", {"messages": [{"role": "user", "content": LONE}]})
+    case("/v1/messages", {"model": model, "max_tokens": 2, "messages": [{"role": "user", "content": "Hi"}]}, "system",
+         {"system": LONE})
+    case("/generative_scoring", {"model": model}, "query", {"query": LONE})
     return cases

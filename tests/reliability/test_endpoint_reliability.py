@@ -21,8 +21,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from endpoint_cases import Case, auth_cases, completion_cases
+from endpoint_cases import Case, auth_cases, completion_cases, surrogate_cases
+from ray_processes import listeners, off_loopback, session_processes
 from serve.app import EnsembleConfig, start_app, stop_app
+from train.ray_session import session_dir
 
 API_KEY = "reliability-key"
 NAME = "tiny-ensemble"
@@ -80,6 +82,8 @@ def verdict(case: Case, reply: httpx.Response) -> str | None:
         message = error_message(reply)
     except (json.JSONDecodeError, AttributeError):
         return f"{status} without a JSON error body: {reply.text[:200]!r}"
+    if case.names and f"'{case.names}'" not in message:
+        return f"{status} without naming the field '{case.names}': {message[:200]!r}"
     return None if message.strip() else f"{status} with an empty error message: {reply.text[:200]!r}"
 
 
@@ -117,7 +121,34 @@ def test_every_route_but_health_needs_the_key(endpoint, http):
     assert http.get("/v1/models", headers={"Authorization": f"bearer {API_KEY}"}).status_code == 200
 
 
+def test_every_process_of_the_app_listens_on_loopback_only(endpoint):
+    """Ray's own processes (gcs_server, raylet, agents), Serve's (controller, proxy, replica) and the engine's:
+    every listening socket of every process this app's Ray started is on 127.0.0.1 / ::1."""
+    procs = session_processes(session_dir(), psutil.Process().children(recursive=True))
+    found = listeners(procs)
+    exposed = off_loopback(found)
+    print(f"{len(procs)} processes of the app's Ray session, {len(found)} listening sockets, "
+          f"{len(exposed)} not on loopback")
+    names = " ".join(p for p, _, _ in found)
+    assert all(n in names for n in ("gcs_server", "raylet", "ServeController", "ProxyActor", "ServeReplica")), names
+    assert not exposed, "listening beyond loopback:\n" + "\n".join(map(str, exposed))
+
+
 # ---- malformed and hostile requests ---------------------------------------------------------------
+
+def test_lone_surrogates_in_any_string_field_get_4xx_naming_the_field(http):
+    cases = surrogate_cases(NAME)
+    statuses, failures = Counter(), []
+    for case in cases:
+        reply = send(http, case)
+        statuses[reply.status_code] += 1
+        if problem := verdict(case, reply):
+            failures.append(f"{case.name}: {problem}")
+    print(f"lone surrogates: {len(cases)} requests over {len({c.path for c in cases})} routes, "
+          f"by status {dict(sorted(statuses.items()))}, {len(failures)} wrong")
+    assert not failures, f"{len(failures)} of {len(cases)} answered wrongly:\n" + "\n".join(failures)
+    assert good_request_succeeds(http)
+
 
 def test_hostile_requests_get_4xx_and_the_server_keeps_serving(http):
     cases = completion_cases(NAME) + auth_cases(API_KEY, NAME)

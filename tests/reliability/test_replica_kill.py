@@ -110,3 +110,39 @@ def test_replica_kill_recovers_and_clients_get_errors_not_hangs(endpoint):
     assert new_replica.pid != replica.pid
     _, alive = psutil.wait_procs(engine_children, timeout=30)
     assert not alive, f"engine processes of the killed replica still run: {[p.pid for p in alive]}"
+
+
+def engine_core(replica: psutil.Process) -> psutil.Process:
+    """The replica's vLLM engine core process (vLLM titles it VLLM::EngineCore...)."""
+    cores = [p for p in replica.children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+    assert len(cores) == 1, [(p.pid, p.cmdline()) for p in replica.children(recursive=True)]
+    return cores[0]
+
+
+def test_a_dead_engine_core_gets_its_replica_replaced(endpoint):
+    """kill -9 of the engine core process only: the replica actor lives on, answering errors, until its health
+    check (check_health, every 10 s) fails and Serve starts a new replica. Without the health check it
+    answers 500 forever."""
+    assert serves(endpoint)
+    [replica] = replica_processes()
+    core = engine_core(replica)
+    killed_at = time.monotonic()
+    os.kill(core.pid, signal.SIGKILL)
+    statuses, recovered_at = Counter(), None
+    while time.monotonic() - killed_at < RECOVERY_DEADLINE_S:
+        try:
+            status = httpx.post(f"{endpoint}/v1/completions", json={**REQUEST, "max_tokens": 1}, timeout=10).status_code
+        except httpx.HTTPError as e:
+            status = type(e).__name__
+        statuses[status] += 1
+        if status == 200 and replica_processes() and replica_processes()[0].pid != replica.pid:
+            recovered_at = time.monotonic()
+            break
+        time.sleep(2)
+    recovery_s = None if recovered_at is None else round(recovered_at - killed_at, 1)
+    print(f"engine core kill -9 (pid {core.pid}, replica {replica.pid}): answers until recovery {dict(statuses)}; "
+          f"new replica serving after {recovery_s} s")
+    assert recovered_at is not None, f"no new replica serving within {RECOVERY_DEADLINE_S} s: {dict(statuses)}"
+    _, alive = psutil.wait_procs([replica], timeout=60)
+    assert not alive, "the replica with the dead engine still runs"
+    assert all(serves(endpoint) for _ in range(3))

@@ -92,6 +92,9 @@ def test_openai_client_completions_chat_and_streaming(client):
     (json.dumps({"model": NAME, "prompt": 5}).encode(), 400),
     (json.dumps({"model": NAME, "prompt": "a", "max_tokens": "many"}).encode(), 400),
     (json.dumps({"model": NAME, "prompt": ""}).encode(), 400),
+    # A lone surrogate ("\\ud800") is valid JSON but not text: a 400 naming the field, streaming or not.
+    (json.dumps({"model": NAME, "prompt": "a", "stop": ["x", "\ud800"]}).encode(), 400),
+    (json.dumps({"model": NAME, "prompt": "a", "bad_words": ["\ud800"], "stream": True}).encode(), 400),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(endpoint, body, status):
     headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}

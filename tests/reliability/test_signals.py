@@ -1,0 +1,108 @@
+"""SIGTERM (systemd, Docker, Kubernetes, `kill`) stops a Chorus command as Ctrl-C does, leaving nothing behind.
+
+The fast test shows the mechanism (train.console.exit_on) on a bare command, with its negative control: without
+it a SIGTERM skips every clean-up. The slow one runs `python -m serve up` as a user would (key in the
+environment), sends SIGTERM, and lists what survives: its process tree and every process of the Ray session it
+started (found by session directory).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from ray_processes import describe, session_dir_in, session_processes
+
+REPO = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+COMMAND = """
+import sys, time
+from train.console import exit_on
+def work():
+    try:
+        print("working", flush=True)
+        time.sleep(60)
+    finally:
+        print("cleaned up", flush=True)
+if sys.argv[1] == "exit_on":
+    with exit_on(ValueError):
+        work()
+else:
+    work()
+"""
+
+
+def run_and_terminate(mode: str) -> tuple[int, str]:
+    proc = subprocess.Popen([sys.executable, "-c", COMMAND, mode], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout.readline().strip() == "working"
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=30)
+    return proc.returncode, out
+
+
+def test_sigterm_unwinds_like_ctrl_c_under_exit_on():
+    code, out = run_and_terminate("exit_on")
+    assert "cleaned up" in out and "KeyboardInterrupt" in out, out
+    bare_code, bare_out = run_and_terminate("bare")  # negative control: Python's default SIGTERM skips `finally`
+    assert bare_code == -signal.SIGTERM and "cleaned up" not in bare_out, (bare_code, bare_out)
+    print(f"SIGTERM: under exit_on the clean-up ran (exit {code}); bare, it did not (killed by signal {-bare_code})")
+
+
+@pytest.mark.slow
+def test_serve_up_stopped_by_sigterm_leaves_no_process_and_hides_the_key(tiny_ensemble, tmp_path, loopback_port):
+    key = "sigterm-test-key-0123456789"
+    cmd = [sys.executable, "-m", "serve", "up", "--model", str(tiny_ensemble), "--name", "ens",
+           "--port", str(loopback_port), "--kv-cache-gib", "0.25"]
+    log_path = tmp_path / "up.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**ENV, "CHORUS_API_KEY": key})
+    url = f"http://127.0.0.1:{loopback_port}"
+    try:
+        deadline = time.time() + 540
+        while f"at {url}/v1" not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(2)
+        session = session_dir_in(log_path.read_text())
+        assert httpx.post(f"{url}/v1/completions", json={"model": "ens", "prompt": "The", "max_tokens": 2},
+                          timeout=60).status_code == 401
+        ok = httpx.post(f"{url}/v1/completions", json={"model": "ens", "prompt": "The", "max_tokens": 2},
+                        headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        assert ok.status_code == 200, ok.text
+        before = session_processes(session, [psutil.Process(proc.pid)])
+        showing_key = [describe(p) for p in psutil.process_iter() if _cmdline_has(p, key)]
+        assert not showing_key, f"the API key is readable in ps: {showing_key}"
+        assert any("ServeReplica" in describe(p) for p in before), [describe(p) for p in before]
+
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=180)
+        out = log_path.read_text()
+        assert code == 0, out[-3000:]
+        _, alive = psutil.wait_procs(before, timeout=30)
+        left = [describe(p) for p in alive] + [describe(p) for p in session_processes(session)]
+        print(f"serve up + SIGTERM: exit {code}, {len(before)} processes before (Ray session {session}), "
+              f"{len(left)} left after")
+        assert not left, "processes left after SIGTERM:\n" + "\n".join(left)
+        assert "Traceback" not in out.split("stopping:")[-1], out[-3000:]
+        assert "stopped" in out.splitlines()[-1], out[-1000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{url}/health", timeout=5)
+
+
+def _cmdline_has(proc: psutil.Process, text: str) -> bool:
+    try:
+        return text in " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
