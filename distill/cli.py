@@ -5,10 +5,10 @@ import argparse
 import json
 
 from distill.student import RECIPES, DistillConfig, DistillError, distill
-from train.cli import add_train_args, train_config_from_args
+from train.cli import add_train_args, check_preset, train_config_from_args
 from train.console import exit_on, setup_logging
 from train.data import DataError
-from train.model import ShapeError, get_shape
+from train.model import ShapeError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="synthetic weight in [0, 1) (default: " + ", ".join(f"{r} {w}" for r, w in RECIPES.items()) + ")")
     parser.add_argument("--seed", type=int, default=0, help="student initialisation and mixture seed (default 0)")
     parser.add_argument("--out", required=True, help="run directory; the student lands in OUT/model")
+    parser.add_argument("--address", help="Ray cluster address: train the student as one Ray task on a node of that "
+                                          "cluster (every path must be on storage all nodes share); default: here")
     return parser
 
 
@@ -35,9 +37,14 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
     with exit_on(DistillError, DataError, ShapeError):
-        get_shape(args.preset)
+        check_preset(args)
         cfg = DistillConfig(train=train_config_from_args(args, args.seed), synthetic_dir=args.synthetic,
                             recipe=args.recipe, w=args.w)
-        result = distill(cfg, args.out)
+        if args.address:
+            from train.ray_session import run_as_task
+
+            result = run_as_task(args.address, distill, cfg, args.out)
+        else:
+            result = distill(cfg, args.out)
     print(json.dumps({"val_loss": result["val_loss"], "model_dir": result["model_dir"],
                       "synthetic_fraction": result["mixture"]["synthetic_fraction"], "steps": result["steps"]}))

@@ -15,7 +15,17 @@ from train.artifacts import ArtifactError
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """The knobs of one training run (shared by member, members and other stages' trainers)."""
     p.add_argument("--data-dir", required=True, help="dataset directory made by `python -m train data`")
-    p.add_argument("--preset", default="cpu-s", help=f"model shape: {', '.join(PRESETS)} (default cpu-s)")
+    p.add_argument("--preset", help=f"model shape: {', '.join(PRESETS)} (default cpu-s; with --init-from the base's "
+                                    "shape, and a preset given must equal it)")
+    p.add_argument("--init-from", metavar="DIR",
+                   help="continued pre-training: start from this base model (any local Hugging Face Llama directory "
+                        "with safetensors weights, a Chorus member included) instead of random weights; its "
+                        "architecture is used. Make the dataset with `train data --tokenizer DIR` (checked). Every "
+                        "seed starts from the same base weights, so seeds vary the data order. Suggested for "
+                        "continued pre-training: a peak --lr about a third of the from-scratch one, and the default "
+                        "--warmup-frac of 0.05 (fresh AdamW moments on trained weights), then cosine to zero")
+    p.add_argument("--warmup-frac", type=float,
+                   help="share of steps of linear lr warmup before the cosine decay (default 0.01; 0.05 with --init-from)")
     p.add_argument("--tokens", type=int, default=200_000, help="token budget D: exact number of training tokens (default 200000)")
     p.add_argument("--epochs", type=int, default=8, help="passes over the D tokens (default 8)")
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
@@ -27,10 +37,20 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch default)")
 
 
+def check_preset(args) -> None:
+    """Name an unknown preset before any work (with --init-from and no --preset, the base decides)."""
+    if args.preset or not getattr(args, "init_from", None):
+        get_shape(args.preset or "cpu-s")
+
+
 def train_config_from_args(args, seed: int):
     from train.trainer import TrainConfig
 
-    return TrainConfig(data_dir=args.data_dir, preset=args.preset, tokens=args.tokens, epochs=args.epochs,
+    init_from = getattr(args, "init_from", None)
+    warmup = args.warmup_frac if getattr(args, "warmup_frac", None) is not None else (0.05 if init_from else 0.01)
+    preset = args.preset or ("" if init_from else "cpu-s")
+    return TrainConfig(data_dir=args.data_dir, preset=preset, init_from=init_from, warmup_frac=warmup,
+                       tokens=args.tokens, epochs=args.epochs,
                        lr=args.lr, weight_decay=args.wd, seed=seed, batch_size=args.batch_size,
                        context=args.context, eval_every=args.eval_every,
                        checkpoint_every=args.checkpoint_every, threads=args.threads)
@@ -49,7 +69,7 @@ def cmd_data(args) -> None:
 def cmd_member(args) -> None:
     from train.trainer import train_member
 
-    get_shape(args.preset)
+    check_preset(args)
     result = train_member(train_config_from_args(args, args.seed), args.out)
     print(json.dumps({"val_loss": result["val_loss"], "model_dir": result["model_dir"]}))
 
@@ -57,7 +77,7 @@ def cmd_member(args) -> None:
 def cmd_members(args) -> None:
     from train.members import joint_recipe, train_members
 
-    get_shape(args.preset)
+    check_preset(args)
     if args.joint:
         args.epochs, args.wd = joint_recipe(args.epochs, args.wd)
         logging.info("joint recipe: members at %d epochs, weight decay %g", args.epochs, args.wd)
@@ -70,7 +90,7 @@ def cmd_members(args) -> None:
 def cmd_search(args) -> None:
     from train.search import SearchSpace, coordinate_descent, runs_table
 
-    get_shape(args.preset)
+    check_preset(args)
     space = SearchSpace.standard() if args.standard else SearchSpace.default()
     if args.lrs:
         space = space.replace(lrs=tuple(args.lrs))
@@ -119,8 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("members", help="train K seed members of one configuration (stacked in one process by default)",
                        description="K members that differ only by seed. By default they are trained as one stack: "
                                    "one model whose weights carry a member axis, so every op runs once for all K "
-                                   "(on small models a step is per-op overhead, so this is several times faster than "
-                                   "K runs). Each member keeps its own initialisation, data order and AdamW state, "
+                                   "instead of K times (figures: BENCHMARKS.md, bench/train_stack_throughput.py). Each member keeps its own initialisation, data order and AdamW state, "
                                    "and lands in an ordinary run directory, the same as a member trained alone. "
                                    "The stack's checkpoint lives in OUT/.stack-<hash>/ until every member is written; "
                                    "re-run the same command after a kill. A K that would not fit in memory is refused "

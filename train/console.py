@@ -50,3 +50,9 @@ def exit_on(*known: type[Exception]) -> Iterator[None]:
     except (ArtifactError, *known) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        # Clean-up (`finally`, context managers) has run by now. Every stage is resumable: say so, and exit
+        # as shells expect of an interrupted command (128 + SIGINT), without a traceback.
+        print(f"interrupted ({e or 'Ctrl-C'}): what was finished is kept; re-run the same command to resume",
+              file=sys.stderr)
+        sys.exit(130)

@@ -34,7 +34,9 @@ class Shape:
 PRESETS: dict[str, Shape] = {
     # CPU ladder (head_dim 32 or 64)
     "cpu-xxs": Shape(hidden=32, mlp=128, heads=1, kv_heads=1, layers=4),
+    "cpu-xxs2": Shape(hidden=64, mlp=256, heads=2, kv_heads=2, layers=2),  # between xxs and xs: 0.13M
     "cpu-xs": Shape(hidden=64, mlp=256, heads=2, kv_heads=2, layers=4),
+    "cpu-xs2": Shape(hidden=96, mlp=384, heads=3, kv_heads=3, layers=4),  # between xs and s: 0.59M
     "cpu-s": Shape(hidden=128, mlp=512, heads=4, kv_heads=4, layers=4),
     "cpu-m": Shape(hidden=192, mlp=768, heads=6, kv_heads=6, layers=4),
     "cpu-l": Shape(hidden=256, mlp=1024, heads=8, kv_heads=8, layers=6),
@@ -93,9 +95,13 @@ def llama_config(shape: Shape, vocab_size: int, context: int, bos_token_id: int,
     )
 
 
+def shape_of(config: LlamaConfig) -> Shape:
+    return Shape(config.hidden_size, config.intermediate_size, config.num_attention_heads,
+                 config.num_key_value_heads or config.num_attention_heads, config.num_hidden_layers)
+
+
 def flops_per_token(config: LlamaConfig, context: int) -> float:
     """Training FLOPs per token: 6 x matmul parameters (incl. the output head) + attention (PaLM, App. B)."""
-    shape = Shape(config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                  config.num_key_value_heads, config.num_hidden_layers)
+    shape = shape_of(config)
     matmul_params = shape.non_embedding_params() + config.vocab_size * config.hidden_size
     return 6.0 * matmul_params + 12.0 * shape.layers * shape.hidden * context

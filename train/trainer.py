@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from train.artifacts import OutputLock, atomic_write_json, fresh_tmp_dir, publish_dir, sha256_file
 from train.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
-from train.model import flops_per_token, get_shape, llama_config
+from train.base import BaseModel, BaseModelError, base_state_dict, check_base_fits, member_config, read_base
+from train.model import flops_per_token, get_shape, llama_config, shape_of
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class TrainConfig:
     data_dir: str
-    preset: str = "cpu-s"
+    preset: str = "cpu-s"  # with init_from: "" takes the base's shape (a preset given must equal it)
+    init_from: str | None = None  # continued pre-training: a base model directory (train/base.py) to start from
     tokens: int = 200_000  # the budget D: exactly this many training tokens, seen `epochs` times
     epochs: int = 8
     lr: float = 3e-3
@@ -57,7 +59,35 @@ class TrainConfig:
         for k in ("eval_every", "checkpoint_every", "log_every", "threads"):
             d.pop(k)
         d["data_dir"] = str(Path(self.data_dir).resolve())
+        if self.init_from:
+            d["init_from"] = str(Path(self.init_from).resolve())
+        else:
+            del d["init_from"]  # runs made before the option existed stay the same runs
         return d
+
+
+def member_llama_config(cfg: TrainConfig, manifest: dict) -> tuple[LlamaConfig, BaseModel | None]:
+    """The member's architecture: the preset's (from scratch), or the base's (continued pre-training)."""
+    if not cfg.init_from:
+        return llama_config(get_shape(cfg.preset), manifest["vocab_size"], cfg.context, manifest["bos_token_id"],
+                            manifest["eos_token_id"], manifest["pad_token_id"]), None
+    base = read_base(cfg.init_from)
+    check_base_fits(base, manifest, cfg.data_dir, cfg.context, cfg.preset)
+    return member_config(base), base
+
+
+def initial_model(cfg: TrainConfig, config: LlamaConfig, base: BaseModel | None) -> LlamaForCausalLM:
+    """The weights a run starts from: the seed's random initialisation, or the base's weights (then the seed
+    varies only the data order, as in the paper's continued pre-training ensembles)."""
+    torch.manual_seed(cfg.seed)
+    model = LlamaForCausalLM(config)
+    if base is not None:
+        missing, unexpected = model.load_state_dict(base_state_dict(base), strict=False)
+        missing = [m for m in missing if not (m == "lm_head.weight" and config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise BaseModelError(f"--init-from {base.path}: weights do not match its config.json "
+                                 f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return model
 
 
 class BatchSource(Protocol):
@@ -219,10 +249,8 @@ def _train_loop(cfg: TrainConfig, run_dir: Path, batches: BatchSource, val: tupl
         torch.set_num_threads(cfg.threads)
     manifest = read_manifest(cfg.data_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = llama_config(get_shape(cfg.preset), manifest["vocab_size"], cfg.context,
-                          manifest["bos_token_id"], manifest["eos_token_id"], manifest["pad_token_id"])
-    torch.manual_seed(cfg.seed)  # the seed sets the initialisation; EpochBatches uses it for data order
-    model = LlamaForCausalLM(config).to(device)
+    config, base = member_llama_config(cfg, manifest)
+    model = initial_model(cfg, config, base).to(device)  # EpochBatches uses the seed for data order
     model.train()
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
     metrics_path = run_dir / "metrics.jsonl"
@@ -286,9 +314,11 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, val_loss
     model.to(device)
     shutil.copytree(Path(cfg.data_dir) / "tokenizer", tmp, dirs_exist_ok=True)
     result = {"val_loss": val_loss, "steps": steps, "model_dir": str(final.resolve()),
-              "non_embedding_params": get_shape(cfg.preset).non_embedding_params(),
+              "non_embedding_params": shape_of(model.config).non_embedding_params(),
               "tokenizer_sha256": manifest["tokenizer_sha256"], "config": cfg.identity(),
               "weights_sha256": sha256_file(tmp / "model.safetensors")}  # loaders verify it (serve.pack.check_weights)
+    if cfg.init_from:
+        result["base"] = read_base(cfg.init_from).provenance()  # what it was continued from (path, weights sha256)
     (tmp / "chorus_run.json").write_text(json.dumps(result, indent=1))
     publish_dir(tmp, final)
     atomic_write_json(run_dir / "result.json", result)
@@ -307,6 +337,8 @@ def train_member(cfg: TrainConfig, run_dir: str | Path, progress: bool = True, p
         raise DataError(f"token budget must be at least 2 (got {cfg.tokens})")
     if cfg.epochs < 1:
         raise DataError(f"epochs must be >= 1 (got {cfg.epochs})")
+    if cfg.init_from:
+        member_llama_config(cfg, read_manifest(cfg.data_dir))  # a base that does not fit is named before any work
     stream = load_tokens(cfg.data_dir, "train", cfg.tokens)
     inputs, targets = windows(stream, cfg.context)
     batches = EpochBatches(inputs, targets, cfg.batch_size, cfg.epochs, cfg.seed)

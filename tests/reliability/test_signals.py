@@ -51,7 +51,7 @@ def run_and_terminate(mode: str) -> tuple[int, str]:
 
 def test_sigterm_unwinds_like_ctrl_c_under_exit_on():
     code, out = run_and_terminate("exit_on")
-    assert "cleaned up" in out and "KeyboardInterrupt" in out, out
+    assert "cleaned up" in out and "interrupted (signal SIGTERM)" in out and code == 130, out
     bare_code, bare_out = run_and_terminate("bare")  # negative control: Python's default SIGTERM skips `finally`
     assert bare_code == -signal.SIGTERM and "cleaned up" not in bare_out, (bare_code, bare_out)
     print(f"SIGTERM: under exit_on the clean-up ran (exit {code}); bare, it did not (killed by signal {-bare_code})")
@@ -106,3 +106,42 @@ def _cmdline_has(proc: psutil.Process, text: str) -> bool:
         return text in " ".join(proc.cmdline())
     except psutil.Error:
         return False
+
+
+def _terminate_and_list(cmd: list[str], log_path: Path, ready: str, timeout_s: float = 540) -> tuple[int, str, list]:
+    """Start `cmd`, wait for `ready` in its log, SIGTERM it; (exit code, log, processes left of it and its Ray)."""
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=ENV)
+    try:
+        deadline = time.time() + timeout_s
+        while ready not in log_path.read_text():
+            assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(1)
+        session = session_dir_in(log_path.read_text())
+        before = session_processes(session, [psutil.Process(proc.pid)])
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=180)
+        _, alive = psutil.wait_procs(before, timeout=30)
+        left = [describe(p) for p in alive] + [describe(p) for p in session_processes(session)]
+        print(f"{cmd[2]} {cmd[3]} + SIGTERM: exit {code}, {len(before)} processes before, {len(left)} left after")
+        return code, log_path.read_text(), left
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_synthetic_job_stopped_by_sigterm_leaves_no_process_and_resumes(packed_teacher, tmp_path):
+    out = tmp_path / "job"
+    cmd = [sys.executable, "-m", "synthdata", "generate", "--teacher", str(packed_teacher), "--tokens", "40000",
+           "--shard-tokens", "2000", "--out", str(out), "--no-progress"]
+    code, log, left = _terminate_and_list(cmd, tmp_path / "generate.log", "starting 1 replica")
+    assert code == 130 and "re-run the same command to resume" in log and "Traceback" not in log, log[-3000:]
+    assert not left, "processes left after SIGTERM:\n" + "\n".join(left)
+    # nothing lost: the job resumes to its exact budget
+    res = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    import json
+
+    summary = json.loads(res.stdout.strip().splitlines()[-1])
+    assert summary["tokens"] == 40000 and summary["complete"] and summary["duplicates"] == 0
