@@ -7,7 +7,7 @@ import logging
 
 from train.console import exit_on, setup_logging
 from train.corpus import CorpusError, default_corpus
-from train.data import DataError, DatasetSpec, prepare_dataset
+from train.data import DatasetSpec, prepare_dataset
 from train.model import PRESETS, ShapeError, get_shape
 from train.artifacts import ArtifactError
 

@@ -1,8 +1,11 @@
-"""Many training runs at once as Ray tasks: K seed members of one configuration, or a search's trials.
+"""Many training runs at once: K seed members of one configuration, or a search's trials.
 
-Local Ray by default (one task per CPU); pass `address` to use an existing cluster, whose nodes must
-see the same dataset and output paths (shared storage). Each run is resumable on its own (train/
-trainer.py), so re-running a killed batch of runs finishes only what is missing.
+By default runs that share a shape and schedule (train.stacked.SHARED_FIELDS: preset, budget, epochs,
+batch, context, ...) are trained together as one stack in this process (train/stacked.py): one op for
+all members, each member still exactly itself. `separate=True` is the older path: one Ray task per run,
+on a local Ray (one task per CPU) or an existing cluster at `address`, whose nodes must see the same
+dataset and output paths (shared storage). Either way every run is resumable, so re-running a killed
+batch of runs finishes only what is missing.
 """
 from __future__ import annotations
 
@@ -13,6 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from train.ray_session import ray_session
+from train.stacked import SHARED_FIELDS, train_stack
 from train.trainer import TrainConfig, train_member
 
 log = logging.getLogger(__name__)
@@ -23,25 +28,13 @@ def joint_recipe(epochs: int, weight_decay: float) -> tuple[int, float]:
     return 2 * epochs, max(0.1, 0.5 * weight_decay)
 
 
-def _ensure_ray(address: str | None, parallel: int):
-    import ray
-
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, log_to_driver=False)
-        else:
-            ray.init(num_cpus=parallel or os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
-    return ray
-
-
 def _run_one(cfg: TrainConfig, run_dir: str) -> dict:
     return train_member(cfg, run_dir, progress=False)
 
 
 def run_trainings(configs: list[TrainConfig], run_dirs: list[str | Path], address: str | None = None,
                   parallel: int = 0, desc: str = "runs") -> list[dict]:
-    """Train every config into its run dir, `parallel` at a time on Ray; results in input order.
+    """Train every config into its run dir as separate runs, `parallel` at a time on Ray; results in input order.
 
     Finished runs (run_dir/result.json present) return at once without a Ray task."""
     assert len(configs) == len(run_dirs)
@@ -52,9 +45,10 @@ def run_trainings(configs: list[TrainConfig], run_dirs: list[str | Path], addres
             results[i] = train_member(cfg, run_dir, progress=False)  # claims the dir and returns the stored result
         else:
             pending.append(i)
-    if pending:
-        width = parallel or (1 if address else os.cpu_count() or 1)
-        ray = _ensure_ray(address, parallel)
+    if not pending:
+        return results  # type: ignore[return-value]
+    width = parallel or (1 if address else os.cpu_count() or 1)
+    with ray_session(address, parallel or None) as ray:
         cpus_per_run = 1
         if not address and len(pending) < width:  # fewer runs than CPUs: give each run more threads
             cpus_per_run = max(1, width // len(pending))
@@ -74,11 +68,34 @@ def run_trainings(configs: list[TrainConfig], run_dirs: list[str | Path], addres
     return results  # type: ignore[return-value]
 
 
+def train_runs(configs: list[TrainConfig], run_dirs: list[str | Path], address: str | None = None,
+               parallel: int = 0, separate: bool = False, desc: str = "runs") -> list[dict]:
+    """Train every config into its run dir; results in input order.
+
+    Stacked (default): configs that agree on train.stacked.SHARED_FIELDS form one stack each (their seed, lr,
+    weight decay and clip may differ), trained one stack after another in this process with all its cores.
+    `separate=True`: one run per Ray task (run_trainings)."""
+    if separate:
+        return run_trainings(configs, run_dirs, address, parallel, desc)
+    if address:
+        log.info("stacked training runs in this process; --address is used only with --separate")
+    groups: dict[str, list[int]] = {}
+    for i, cfg in enumerate(configs):
+        groups.setdefault(repr([getattr(cfg, f) for f in SHARED_FIELDS]), []).append(i)
+    results: list[dict | None] = [None] * len(configs)
+    for idx in groups.values():
+        for i, result in zip(idx, train_stack([configs[i] for i in idx], [run_dirs[i] for i in idx])):
+            results[i] = result
+    return results  # type: ignore[return-value]
+
+
 def train_members(configs: list[TrainConfig], out_dir: str | Path, address: str | None = None,
-                  parallel: int = 0) -> list[dict]:
-    """K members (one config per seed) into out_dir/seed-<seed>/; each member is out_dir/seed-<seed>/model."""
+                  parallel: int = 0, separate: bool = False) -> list[dict]:
+    """K members (one config per seed) into out_dir/seed-<seed>/; each member is out_dir/seed-<seed>/model.
+
+    Stacked in one process by default; `separate=True` trains each member as its own run on Ray."""
     seeds = [c.seed for c in configs]
     if len(set(seeds)) != len(seeds):
         raise ValueError(f"members must have distinct seeds, got {seeds}")
     run_dirs = [Path(out_dir) / f"seed-{c.seed}" for c in configs]
-    return run_trainings(configs, run_dirs, address, parallel, desc="members")
+    return train_runs(configs, run_dirs, address, parallel, separate, desc="members")
