@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from synthdata.endpoint import EndpointError
 from synthdata.job import MODES, GenerateConfig, JobError, generate
 from synthdata.teacher import TeacherError
 from train.console import exit_on, setup_logging
@@ -31,7 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, help="tokens per sequence, BOS included (default: the teacher's context)")
     p.add_argument("--seed", type=int, default=0, help="job seed: fixes every shard's and sequence's seed (default 0)")
     p.add_argument("--shard-tokens", type=int, default=100_000, help="tokens per shard, the unit of resume (default 100000)")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray); every node must see --teacher "
+                                     "and --out at the same paths (a shared filesystem)")
+    p.add_argument("--endpoint", help="base URL of a live Chorus endpoint (`python -m serve up`) serving --teacher: "
+                                      "sample through it (one request per sequence, with its seed) instead of "
+                                      "starting engines; --replicas shards at a time; key from $CHORUS_API_KEY")
+    p.add_argument("--max-restarts", type=int, default=4,
+                   help="replicas restarted (or endpoint failures retried) per job after one is lost (default 4)")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per engine on CPU, GiB (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
@@ -51,7 +58,8 @@ def cmd_generate(args) -> dict:
     cfg = GenerateConfig(teacher=args.teacher, tokens=args.tokens, out=args.out, mode=args.mode,
                          replicas=args.replicas, temperature=args.temperature, top_p=args.top_p,
                          max_len=args.max_len, seed=args.seed, shard_tokens=args.shard_tokens,
-                         address=args.address, kv_cache_gib=args.kv_cache_gib, progress=not args.no_progress)
+                         address=args.address, kv_cache_gib=args.kv_cache_gib, progress=not args.no_progress,
+                         endpoint=args.endpoint, max_restarts=args.max_restarts)
     return generate(cfg)
 
 
@@ -64,6 +72,6 @@ def cmd_check(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    with exit_on(JobError, TeacherError, DataError):
+    with exit_on(JobError, TeacherError, DataError, EndpointError):
         summary = args.func(args)
     print(json.dumps(summary))

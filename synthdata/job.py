@@ -25,6 +25,15 @@ one thread per replica slot, each taking the next pending shard; the driver alon
 actors rather than Ray Data or the Ray Serve deployment: a shard must be one unit (made in full or not at
 all, by one writer), and actor calls with explicit seeds give that with the least machinery; a Serve
 endpoint would add HTTP and batching we do not need for offline work.
+
+On a cluster (`address`) the replicas are spread over the nodes, and a replica that dies with its node (or
+alone) loses only the shard it was making: that shard goes back to the queue, whole, and the slot starts a
+new replica on a live node (at most `max_restarts` times per job). Since a shard's content is fixed by
+its seeds and only the driver writes, the job still ends with the exact budget and every shard once.
+
+`endpoint`: sample through a live Chorus endpoint (serve/app.py) instead of starting engines, one request
+per sequence carrying its seed (synthdata/endpoint.py); `replicas` shards are then made at a time. Same
+shards, manifest and resume; each manifest entry records which source made it.
 """
 from __future__ import annotations
 
@@ -45,6 +54,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from synthdata.endpoint import EndpointSampler
 from synthdata.engine import SamplingSettings, TeacherEngine, engine_env
 from synthdata.teacher import Teacher, member_dirs, read_teacher
 from train.artifacts import OutputLock, atomic_write_json, publish_file
@@ -77,6 +87,9 @@ class GenerateConfig:
     address: str | None = None
     kv_cache_gib: float = 1.0
     progress: bool = True
+    endpoint: str | None = None  # a live Chorus endpoint's base URL: sample through it, start no engines
+    max_restarts: int = 4  # replicas started again after one died (a node lost), per job
+    restart_timeout_s: float = 600.0  # how long a replacement replica may wait for room on a live node
 
 
 @dataclass(frozen=True)
@@ -126,6 +139,9 @@ def check_config(cfg: GenerateConfig, teacher: Teacher) -> SamplingSettings:
         raise JobError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if cfg.replicas < 1:
         raise JobError(f"replicas must be >= 1 (got {cfg.replicas})")
+    if cfg.endpoint and cfg.mode != "ensemble":
+        raise JobError("--endpoint samples the served ensemble: only --mode ensemble (mixture mode needs an engine "
+                       "per member)")
     if cfg.shard_tokens < 1:
         raise JobError(f"shard_tokens must be >= 1 (got {cfg.shard_tokens})")
     if not cfg.temperature > 0:
@@ -208,23 +224,38 @@ class ShardRows:
         return sum(len(t) for t in self.tokens)
 
 
-def generate_shard(plan: ShardPlan, engines: list, bos: int, settings: SamplingSettings,
+def actor_sampler(engines: list, bos: int, settings: SamplingSettings):
+    """A round's sequences to Ray engine actors: one call per member's engine, all at once."""
+    import ray
+
+    def sample(seeds_by_member: dict[int, list[int]]) -> dict[int, list]:
+        calls = {m: engines[m].sample.remote(bos, seeds, settings) for m, seeds in seeds_by_member.items()}
+        return {m: ray.get(ref) for m, ref in calls.items()}
+
+    return sample
+
+
+def endpoint_sampler(sampler: EndpointSampler, bos: int, settings: SamplingSettings):
+    def sample(seeds_by_member: dict[int, list[int]]) -> dict[int, list]:
+        return {m: sampler.sample(bos, seeds, settings) for m, seeds in seeds_by_member.items()}
+
+    return sample
+
+
+def generate_shard(plan: ShardPlan, sample, members: int, bos: int, settings: SamplingSettings,
                    on_tokens=lambda n: None) -> ShardRows:
     """Sample sequences 0, 1, ... of the shard until its quota; cut the last one kept.
 
-    `engines` holds one actor (ensemble mode) or one per member (mixture mode); a round's sequences go to
-    the engine of their member, all at once."""
-    import ray
-
+    `sample({member: [seeds]})` returns each member's (ids, logprobs) per seed, in order: one engine (ensemble
+    mode, member 0) or one per member (mixture mode, `members` > 1)."""
     rows = ShardRows([], [], [], [])
     mean_len, start = float(settings.max_len), 0
     while rows.count < plan.quota:
         # Ask for about as many sequences as the remaining quota needs at the observed mean length.
         want = min(MAX_ROUND, math.ceil((plan.quota - rows.count) / mean_len))
-        draws = sequence_draws(plan.seed, start, want, len(engines))
-        calls = {m: engines[m].sample.remote(bos, [s for s, mm in draws if mm == m], settings)
-                 for m in sorted({m for _, m in draws})}
-        results = {m: iter(ray.get(ref)) for m, ref in calls.items()}
+        draws = sequence_draws(plan.seed, start, want, members)
+        by_member = {m: [s for s, mm in draws if mm == m] for m in sorted({m for _, m in draws})}
+        results = {m: iter(out) for m, out in sample(by_member).items()}
         lengths = []
         for seed, member in draws:
             ids, logprobs = next(results[member])
@@ -234,7 +265,7 @@ def generate_shard(plan: ShardPlan, engines: list, bos: int, settings: SamplingS
                 continue  # sampled beyond the quota: dropped (the same sequences every time)
             keep = min(len(ids) + 1, room)
             rows.tokens.append(np.concatenate([[bos], ids[: keep - 1]]).astype(np.int32))
-            rows.members.append(member if len(engines) > 1 else -1)
+            rows.members.append(member if members > 1 else -1)
             rows.logprobs.append(float(logprobs[: keep - 1].sum()))
             rows.seeds.append(seed)
             on_tokens(keep)
@@ -243,7 +274,7 @@ def generate_shard(plan: ShardPlan, engines: list, bos: int, settings: SamplingS
     return rows
 
 
-def write_shard(out: Path, plan: ShardPlan, rows: ShardRows, job: dict) -> dict:
+def write_shard(out: Path, plan: ShardPlan, rows: ShardRows, job: dict, source: str = "engine") -> dict:
     """Write the shard atomically; return its manifest entry."""
     n = len(rows.tokens)
     table = pa.table({
@@ -262,7 +293,7 @@ def write_shard(out: Path, plan: ShardPlan, rows: ShardRows, job: dict) -> dict:
     pq.write_table(table, tmp)
     publish_file(tmp, path)
     return {"file": plan.file, "index": plan.index, "seed": plan.seed, "rows": n, "tokens": rows.count,
-            "sha256": sha256_file(path)}
+            "sha256": sha256_file(path), "source": source}
 
 
 # ---- the job -----------------------------------------------------------------------------------
@@ -278,23 +309,105 @@ def engine_cores(n_engines: int) -> list[str | None]:
     return [str(cores[i % len(cores)]) for i in range(n_engines)]
 
 
-def start_engines(model_dirs: list[Path], replicas: int, settings: SamplingSettings, cfg: GenerateConfig) -> list[list]:
-    """`replicas` groups of engines, one engine per model directory in each group."""
-    import ray
+class EngineReplicas:
+    """The job's replicas on Ray: `replicas` groups of engines (one per model directory), and a new group for a
+    slot whose group died (its node lost, an engine killed): at most `cfg.max_restarts` per job."""
 
-    n = replicas * len(model_dirs)
-    local = cfg.address is None
-    cores = engine_cores(n) if local else [None] * n
-    actor = ray.remote(num_cpus=1)(TeacherEngine)
-    groups = []
-    for r in range(replicas):
+    def __init__(self, model_dirs: list[Path], replicas: int, settings: SamplingSettings, cfg: GenerateConfig):
+        import ray
+
+        self.model_dirs, self.settings, self.cfg = model_dirs, settings, cfg
+        n = replicas * len(model_dirs)
+        self.local = cfg.address is None
+        self.cores = engine_cores(n) if self.local else [None] * n
+        self.actor = ray.remote(num_cpus=1)(TeacherEngine)
+        self.restarts, self.lock = 0, threading.Lock()
+        self.groups = [self._launch(r) for r in range(replicas)]
+        ray.get([e.__ray_ready__.remote() for g in self.groups for e in g])  # engines up before the clock starts
+
+    def _launch(self, slot: int) -> list:
+        # On a cluster, one replica per node where there is room (SPREAD): a lost node takes one replica.
+        placement = {} if self.local else {"scheduling_strategy": "SPREAD"}
         group = []
-        for m, d in enumerate(model_dirs):
-            env = engine_env(cfg.kv_cache_gib, cores[r * len(model_dirs) + m])
-            group.append(actor.options(runtime_env={"env_vars": env}).remote(str(d), settings.max_len, cfg.seed))
-        groups.append(group)
-    ray.get([e.__ray_ready__.remote() for g in groups for e in g])  # engines up before the clock starts
-    return groups
+        for m, d in enumerate(self.model_dirs):
+            env = engine_env(self.cfg.kv_cache_gib, self.cores[slot * len(self.model_dirs) + m])
+            group.append(self.actor.options(runtime_env={"env_vars": env}, **placement)
+                         .remote(str(d), self.settings.max_len, self.cfg.seed))
+        return group
+
+    def sampler(self, slot: int, bos: int):
+        return actor_sampler(self.groups[slot], bos, self.settings)
+
+    def release(self, slot: int) -> None:
+        """Stop a slot's engines (its work is done, or it died): frees its node for a replacement."""
+        import ray
+
+        for engine in self.groups[slot]:
+            try:
+                ray.kill(engine)
+            except Exception:  # already gone with its node
+                pass
+
+    def replace(self, slot: int, still_needed) -> bool:
+        """Start a new group for `slot` on a live node; False when `still_needed()` turns false meanwhile."""
+        import ray
+
+        with self.lock:
+            if self.restarts >= self.cfg.max_restarts:
+                raise JobError(f"replica {slot} died and {self.restarts} replicas were already restarted in this job "
+                               f"(max_restarts): giving up; re-run the same command to finish the job")
+            self.restarts += 1
+        self.release(slot)
+        self.groups[slot] = group = self._launch(slot)
+        refs = [e.__ray_ready__.remote() for e in group]
+        deadline = time.monotonic() + self.cfg.restart_timeout_s
+        while True:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=2.0)
+            if len(ready) == len(refs):
+                ray.get(ready)  # an engine that failed to start raises here
+                return True
+            if not still_needed():
+                self.release(slot)
+                return False
+            if time.monotonic() > deadline:
+                self.release(slot)
+                raise JobError(f"replica {slot} could not be restarted within {self.cfg.restart_timeout_s:.0f} s: "
+                               f"no live node has room for it ({len(group)} engine(s) of 1 CPU)")
+
+
+class EndpointReplicas:
+    """`replicas` concurrent shards through one live endpoint; a failed request loses its shard's round, and the
+    shard is retried after a pause (at most `cfg.max_restarts` times per job)."""
+
+    def __init__(self, sampler: EndpointSampler, settings: SamplingSettings, cfg: GenerateConfig):
+        self.endpoint, self.settings, self.cfg = sampler, settings, cfg
+        self.restarts, self.lock = 0, threading.Lock()
+
+    def sampler(self, slot: int, bos: int):
+        return endpoint_sampler(self.endpoint, bos, self.settings)
+
+    def release(self, slot: int) -> None:
+        pass
+
+    def replace(self, slot: int, still_needed) -> bool:
+        with self.lock:
+            if self.restarts >= self.cfg.max_restarts:
+                raise JobError(f"the endpoint {self.cfg.endpoint} failed {self.restarts + 1} times in this job: "
+                               "giving up; re-run the same command to finish the job")
+            self.restarts += 1
+        time.sleep(5.0)  # let Serve replace a lost replica
+        return True
+
+
+def replica_lost_errors() -> tuple[type[BaseException], ...]:
+    """What a lost replica raises: its actor or node died (Ray), or the endpoint failed a request."""
+    from synthdata.endpoint import EndpointError
+
+    try:
+        from ray import exceptions as rx
+    except ImportError:  # an endpoint job on a machine without Ray
+        return (EndpointError,)
+    return (rx.RayActorError, rx.NodeDiedError, rx.WorkerCrashedError, rx.ObjectLostError, EndpointError)
 
 
 def generate(cfg: GenerateConfig) -> dict:
@@ -321,52 +434,99 @@ def _generate(cfg: GenerateConfig) -> dict:
     log.info("%s: %d of %d shards to generate (%d of %d tokens already done)", out, len(pending), len(plans),
              done_tokens, cfg.tokens)
 
-    model_dirs = [teacher.path] if cfg.mode == "ensemble" else member_dirs(teacher, out / "teacher-members")
     replicas = min(cfg.replicas, len(pending))
-    log.info("starting %d replica(s) x %d engine(s) on %s (%s mode)", replicas, len(model_dirs), teacher.path, cfg.mode)
-    started_ray = connect_ray(cfg.address, None if cfg.address else max(os.cpu_count() or 1, replicas * len(model_dirs)))
-    try:
-        groups = start_engines(model_dirs, replicas, settings, cfg)
-        manifest_lock, bar_lock = threading.Lock(), threading.Lock()
-        todo: queue.Queue[ShardPlan] = queue.Queue()
-        for p in pending:
-            todo.put(p)
-        bar = tqdm(total=cfg.tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="generating",
-                   disable=not cfg.progress, smoothing=0.1)
-        generated = 0
+    if cfg.endpoint:
+        log.info("sampling through the endpoint %s, %d shard(s) at a time", cfg.endpoint, replicas)
+        source, members = EndpointReplicas(EndpointSampler.connect(cfg.endpoint, teacher.path), settings, cfg), 1
+        summary = run_shards(cfg, out, job, manifest, pending, source, replicas, members, teacher.bos_token_id,
+                             done_tokens, "endpoint")
+    else:
+        model_dirs = [teacher.path] if cfg.mode == "ensemble" else member_dirs(teacher, out / "teacher-members")
+        log.info("starting %d replica(s) x %d engine(s) on %s (%s mode)", replicas, len(model_dirs), teacher.path,
+                 cfg.mode)
+        started_ray = connect_ray(cfg.address,
+                                  None if cfg.address else max(os.cpu_count() or 1, replicas * len(model_dirs)))
+        try:
+            source = EngineReplicas(model_dirs, replicas, settings, cfg)
+            summary = run_shards(cfg, out, job, manifest, pending, source, replicas, len(model_dirs),
+                                 teacher.bos_token_id, done_tokens, "engine")
+        finally:
+            disconnect_ray(started_ray)  # only a Ray this job started; a caller's Ray is left running
+    log.info("done: %d tokens in %d sequences (mean length %.1f); this run made %d tokens in %.1f s (%.0f tokens/s)",
+             summary["tokens"], summary["sequences"], summary["mean_length"], summary["generated_this_run"],
+             summary["wall_s"], summary["tokens_per_s"])
+    return summary
 
-        def advance(n: int) -> None:
-            nonlocal generated
-            with bar_lock:
-                generated += n
-                bar.update(n)
 
-        def work(engines: list) -> None:
+def run_shards(cfg: GenerateConfig, out: Path, job: dict, manifest: dict, pending: list[ShardPlan], source,
+               replicas: int, members: int, bos: int, done_tokens: int, source_name: str) -> dict:
+    """One thread per replica slot takes the next pending shard until none is left; a shard whose replica was
+    lost goes back to the queue, whole, and the slot gets a new replica (`source.replace`)."""
+    lost = replica_lost_errors()
+    manifest_lock, bar_lock = threading.Lock(), threading.Lock()
+    todo: queue.Queue[ShardPlan] = queue.Queue()
+    for p in pending:
+        todo.put(p)
+    recorded = {"shards": 0}
+    bar = tqdm(total=cfg.tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="generating",
+               disable=not cfg.progress, smoothing=0.1)
+    generated = 0
+
+    def advance(n: int) -> None:
+        nonlocal generated
+        with bar_lock:
+            generated += n
+            bar.update(n)
+
+    def unfinished() -> bool:
+        with manifest_lock:
+            return recorded["shards"] < len(pending)
+
+    def work(slot: int) -> None:
+        sample = source.sampler(slot, bos)
+        try:
             while True:
                 try:
                     plan = todo.get_nowait()
                 except queue.Empty:
                     return
-                rows = generate_shard(plan, engines, teacher.bos_token_id, settings, advance)
-                entry = write_shard(out, plan, rows, job)
+                made = 0
+
+                def count(n: int) -> None:
+                    nonlocal made
+                    made += n
+                    advance(n)
+
+                try:
+                    rows = generate_shard(plan, sample, members, bos, source.settings, count)
+                except lost as e:
+                    advance(-made)  # the shard's partial rows are dropped; it is made again, whole
+                    todo.put(plan)
+                    log.warning("replica %d was lost while making %s (%s: %s): the shard goes back to the queue; "
+                                "starting a new replica", slot, plan.file, type(e).__name__, str(e).splitlines()[0][:200])
+                    if not source.replace(slot, unfinished):
+                        return
+                    sample = source.sampler(slot, bos)
+                    continue
+                entry = write_shard(out, plan, rows, job, source_name)
                 with manifest_lock:
                     manifest["shards"] = sorted(manifest["shards"] + [entry], key=lambda s: s["index"])
                     atomic_write_json(out / "manifest.json", manifest)
-                log.debug("shard %s: %d sequences, %d tokens", plan.file, entry["rows"], entry["tokens"])
+                    recorded["shards"] += 1
+                log.debug("shard %s: %d sequences, %d tokens (replica %d)", plan.file, entry["rows"], entry["tokens"],
+                          slot)
+        finally:
+            source.release(slot)  # done: free its node for a replacement elsewhere
 
-        start = time.perf_counter()
-        with ThreadPoolExecutor(len(groups)) as pool:
-            for f in [pool.submit(work, g) for g in groups]:
-                f.result()
-        wall = time.perf_counter() - start
-        bar.close()
-    finally:
-        disconnect_ray(started_ray)  # only a Ray this job started; a caller's Ray is left running
-    summary = summarize(out, manifest, generated, wall)
-    log.info("done: %d tokens in %d sequences (mean length %.1f); this run made %d tokens in %.1f s (%.0f tokens/s)",
-             summary["tokens"], summary["sequences"], summary["mean_length"], generated, wall,
-             summary["tokens_per_s"])
-    return summary
+    start = time.perf_counter()
+    with ThreadPoolExecutor(replicas) as pool:
+        for f in [pool.submit(work, slot) for slot in range(replicas)]:
+            f.result()
+    wall = time.perf_counter() - start
+    bar.close()
+    if unfinished():  # every slot gave up while shards were left: cannot happen unless a slot raised
+        raise JobError(f"{out}: {len(pending) - recorded['shards']} shard(s) left unmade; re-run to finish")
+    return summarize(out, manifest, generated, wall)
 
 
 def duplicate_sequences(out: Path, manifest: dict) -> int:
