@@ -40,14 +40,15 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from train.artifacts import ArtifactError, OutputLock, atomic_write_json, read_json
 from train.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
-from train.model import Shape, flops_per_token, get_shape, llama_config
-from train.trainer import (EpochBatches, TrainConfig, claim_run_dir, evaluate, finish_run, lr_at, trim_metrics,
-                           validation_windows)
+from train.model import Shape, flops_per_token
+from train.base import BaseModel
+from train.trainer import (EpochBatches, TrainConfig, claim_run_dir, evaluate, finish_run, initial_model, lr_at,
+                           member_llama_config, trim_metrics, validation_windows)
 
 log = logging.getLogger(__name__)
 
 # What members of one stack must share; seed, lr, weight_decay and grad_clip may differ per member.
-SHARED_FIELDS = ("data_dir", "preset", "tokens", "epochs", "batch_size", "context", "warmup_frac", "eval_every",
+SHARED_FIELDS = ("data_dir", "preset", "init_from", "tokens", "epochs", "batch_size", "context", "warmup_frac", "eval_every",
                  "checkpoint_every", "log_every", "threads", "extra")
 BETAS, EPS = (0.9, 0.95), 1e-8  # as train.trainer.configure_optimizer
 
@@ -172,14 +173,11 @@ class StackedLlama(nn.Module):
         return per_token.view(k, -1).sum(1), (targets != IGNORE_INDEX).view(k, -1).sum(1)
 
 
-def init_members(config: LlamaConfig, seeds: list[int]) -> StackedLlama:
-    """The stack of the K models lone runs of `seeds` start from: torch.manual_seed(seed); LlamaForCausalLM(config)."""
+def init_members(config: LlamaConfig, seeds: list[int], base: BaseModel | None = None) -> StackedLlama:
+    """The stack of the K models lone runs of `seeds` start from (train.trainer.initial_model: the seed's
+    initialisation, or the base's weights for continued pre-training)."""
     model = StackedLlama(config, len(seeds))
-    states = []
-    for seed in seeds:
-        torch.manual_seed(seed)
-        states.append(LlamaForCausalLM(config).state_dict())
-    model.load_members(states)
+    model.load_members([initial_model(seed, config, base).state_dict() for seed in seeds])
     return model
 
 
@@ -345,8 +343,7 @@ def train_stack(configs: list[TrainConfig], run_dirs: list[str | Path], progress
 
 
 def _llama_config(cfg: TrainConfig, manifest: dict) -> LlamaConfig:
-    return llama_config(get_shape(cfg.preset), manifest["vocab_size"], cfg.context, manifest["bos_token_id"],
-                        manifest["eos_token_id"], manifest["pad_token_id"])
+    return member_llama_config(cfg, manifest)[0]
 
 
 def _train(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path, progress: bool,
@@ -356,13 +353,13 @@ def _train(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path, pr
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     manifest = read_manifest(cfg.data_dir)
-    config = _llama_config(cfg, manifest)
+    config, base = member_llama_config(cfg, manifest)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     inputs, targets = windows(load_tokens(cfg.data_dir, "train", cfg.tokens), cfg.context)
     sources = [EpochBatches(inputs, targets, cfg.batch_size, cfg.epochs, c.seed) for c in configs]
     val = validation_windows(cfg.data_dir, cfg.context)
 
-    model = init_members(config, [c.seed for c in configs]).to(device)
+    model = init_members(config, [c.seed for c in configs], base).to(device)
     optimizer = StackedAdamW(model, [c.weight_decay for c in configs])
     stack_dir.mkdir(parents=True, exist_ok=True)
     if not (stack_dir / "stack.json").exists():

@@ -76,10 +76,10 @@ def member_llama_config(cfg: TrainConfig, manifest: dict) -> tuple[LlamaConfig, 
     return member_config(base), base
 
 
-def initial_model(cfg: TrainConfig, config: LlamaConfig, base: BaseModel | None) -> LlamaForCausalLM:
+def initial_model(seed: int, config: LlamaConfig, base: BaseModel | None) -> LlamaForCausalLM:
     """The weights a run starts from: the seed's random initialisation, or the base's weights (then the seed
     varies only the data order, as in the paper's continued pre-training ensembles)."""
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
     if base is not None:
         missing, unexpected = model.load_state_dict(base_state_dict(base), strict=False)
@@ -250,7 +250,7 @@ def _train_loop(cfg: TrainConfig, run_dir: Path, batches: BatchSource, val: tupl
     manifest = read_manifest(cfg.data_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config, base = member_llama_config(cfg, manifest)
-    model = initial_model(cfg, config, base).to(device)  # EpochBatches uses the seed for data order
+    model = initial_model(cfg.seed, config, base).to(device)  # EpochBatches uses the seed for data order
     model.train()
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
     metrics_path = run_dir / "metrics.jsonl"
