@@ -3,11 +3,15 @@
     .venv/bin/python -m bench.synth_throughput --teacher DIR --tokens 40000 --work /tmp/synth-bench
 
 1. raw: one offline `LLM.generate` call (same engine settings, same sampling, no logprobs, no Ray) over
-   enough BOS-only prompts for the budget, in a fresh process with all the machine's cores;
-2. the job (`synthdata.job.generate`) with 1 replica, then with 2, each into a fresh directory.
+   enough BOS-only prompts for the budget, in a fresh process with the first replica's cores, WITHOUT
+   per-request seeds: what a plain vLLM user runs;
+2. raw-seeded: the same with one seed per sequence, as the job sets them (what exactly-once costs the engine);
+3. the job (`synthdata.job.generate`) with each `--replicas` count, each into a fresh directory.
 
-Speeds count generated tokens (BOS excluded) over generation wall time; engine start-up is excluded from
-both (the job's clock starts once its engines are up). Prints one JSON record.
+Every contender runs `--repeats` times (default 3); the order alternates between repeats (forward, then
+reversed, ...) so that none always runs first on a box whose load drifts. Each figure is the median, with the
+spread (min, max) and every run kept. Speeds count generated tokens (BOS excluded) over generation wall time;
+engine start-up is excluded everywhere (the job's clock starts once its engines are up). Prints one JSON record.
 """
 from __future__ import annotations
 
@@ -29,8 +33,9 @@ log = logging.getLogger(__name__)
 
 
 def raw_generate(teacher_dir: str, bos: int, n_sequences: int, settings: SamplingSettings, seed: int,
-                 result: mp.Queue) -> None:
-    """In a fresh process: one LLM.generate over n BOS-only prompts; put (generated tokens, seconds)."""
+                 seeded: bool, result: mp.Queue) -> None:
+    """In a fresh process: one LLM.generate over n BOS-only prompts (one seed per sequence if `seeded`);
+    put (generated tokens, seconds)."""
     os.environ.update(engine_env(1.0, engine_cores(1)[0]))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -38,19 +43,21 @@ def raw_generate(teacher_dir: str, bos: int, n_sequences: int, settings: Samplin
     llm = LLM(model=teacher_dir, dtype="float32", enforce_eager=True, max_model_len=settings.max_len, seed=seed,
               disable_log_stats=True)
     params = [SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
-                             max_tokens=settings.max_len - 1, seed=seed + j) for j in range(n_sequences)]
+                             max_tokens=settings.max_len - 1, seed=seed + j if seeded else None)
+              for j in range(n_sequences)]
     start = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=[bos])] * n_sequences, params, use_tqdm=False)
     seconds = time.perf_counter() - start
     result.put((sum(len(o.outputs[0].token_ids) for o in outputs), seconds))
 
 
-def measure_raw(teacher_dir: str, tokens: int, settings: SamplingSettings) -> dict:
+def measure_raw(teacher_dir: str, tokens: int, settings: SamplingSettings, seeded: bool) -> dict:
     teacher = read_teacher(teacher_dir)
     n = math.ceil(tokens / settings.max_len)
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=raw_generate, args=(str(teacher.path), teacher.bos_token_id, n, settings, 0, queue))
+    proc = ctx.Process(target=raw_generate,
+                       args=(str(teacher.path), teacher.bos_token_id, n, settings, 0, seeded, queue))
     proc.start()
     generated, seconds = queue.get()
     proc.join()
@@ -68,19 +75,32 @@ def measure_job(teacher_dir: str, tokens: int, replicas: int, out: Path, shard_t
             "generated_tokens": generated, "seconds": summary["wall_s"], "tokens_per_s": generated / summary["wall_s"]}
 
 
-def run(teacher: str, tokens: int, work: Path, replicas: list[int], shard_tokens: int | None) -> dict:
+def summary(runs: list[dict]) -> dict:
+    rates = sorted(r["tokens_per_s"] for r in runs)
+    return {"tokens_per_s": rates[len(rates) // 2], "spread_tokens_per_s": [rates[0], rates[-1]], "runs": runs}
+
+
+def run(teacher: str, tokens: int, work: Path, replicas: list[int], shard_tokens: int | None, repeats: int = 3) -> dict:
     settings = SamplingSettings(max_len=read_teacher(teacher).context)
     shard_tokens = shard_tokens or math.ceil(tokens / 4)
-    raw = measure_raw(teacher, tokens, settings)
-    log.info("raw engine: %.0f tokens/s", raw["tokens_per_s"])
-    jobs = []
+    contenders = {"raw": lambda: measure_raw(teacher, tokens, settings, seeded=False),
+                  "raw-seeded": lambda: measure_raw(teacher, tokens, settings, seeded=True)}
     for r in replicas:
-        jobs.append(measure_job(teacher, tokens, r, work / f"replicas-{r}", shard_tokens))
-        log.info("job, %d replica(s): %.0f tokens/s", r, jobs[-1]["tokens_per_s"])
+        contenders[f"job-{r}"] = lambda r=r: measure_job(teacher, tokens, r, work / f"replicas-{r}", shard_tokens)
+    runs: dict[str, list[dict]] = {name: [] for name in contenders}
+    for repeat in range(repeats):
+        order = list(contenders) if repeat % 2 == 0 else list(reversed(contenders))
+        for name in order:
+            runs[name].append({**contenders[name](), "repeat": repeat, "position": order.index(name)})
+            log.info("repeat %d, %s: %.0f tokens/s", repeat, name, runs[name][-1]["tokens_per_s"])
+    figures = {name: summary(r) for name, r in runs.items()}
+    rate = {name: f["tokens_per_s"] for name, f in figures.items()}
+    first_job = f"job-{replicas[0]}"
     return {"teacher": str(Path(teacher).resolve()), "tokens": tokens, "shard_tokens": shard_tokens,
-            "cores": len(os.sched_getaffinity(0)), "raw": raw, "jobs": jobs,
-            "job_over_raw": jobs[0]["tokens_per_s"] / raw["tokens_per_s"],
-            "scaling": {j["replicas"]: j["tokens_per_s"] / jobs[0]["tokens_per_s"] for j in jobs}}
+            "cores": len(os.sched_getaffinity(0)), "repeats": repeats, "figures": figures,
+            "seeding_cost": 1 - rate["raw-seeded"] / rate["raw"],  # share of raw throughput per-sequence seeds cost
+            "job_over_raw": rate[first_job] / rate["raw"], "job_over_raw_seeded": rate[first_job] / rate["raw-seeded"],
+            "scaling": {r: rate[f"job-{r}"] / rate[first_job] for r in replicas}}
 
 
 def main() -> None:
@@ -91,9 +111,13 @@ def main() -> None:
     p.add_argument("--work", required=True, help="scratch directory for the jobs' output")
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replica counts to run (default 1 2)")
     p.add_argument("--shard-tokens", type=int, help="shard quota (default: a quarter of --tokens)")
+    p.add_argument("--repeats", type=int, default=3, help="runs of every contender; median and spread (default 3)")
     args = p.parse_args()
+    if min(args.tokens, args.repeats, *args.replicas) < 1:
+        p.error("--tokens, --repeats and --replicas must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(json.dumps(run(args.teacher, args.tokens, Path(args.work), args.replicas, args.shard_tokens), indent=1))
+    print(json.dumps(run(args.teacher, args.tokens, Path(args.work), args.replicas, args.shard_tokens, args.repeats),
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -7,6 +7,10 @@ Layout of an ensemble directory (a Hugging Face model directory):
     model.safetensors  member i's weights under the prefix "m{i}." (m0, m1, ...: vLLM's CPU runner wants
                        exactly one integer per layer name, the layer index, so "members.0" would not do)
     tokenizer files    copied from the first member (all members must share the tokenizer)
+
+This module is the one owner of that format: it packs (`pack_ensemble`), unpacks (`member_state_dicts`,
+`split_member_name`, `extract_member`) and validates the combine rule
+(`check_combine`). The engine, the PyTorch reference and synthdata's teacher read members through it.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import shutil
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
+import torch
 from safetensors.torch import load_file, save_file
 
 from train.data import sha256_file, tokenizer_hash
@@ -39,6 +44,28 @@ class PackError(ValueError):
 
 def member_prefix(i: int) -> str:
     return f"m{i}."
+
+
+def check_combine(combine: str) -> str:
+    """The combine rule, if it is one Chorus knows; else a PackError naming the choices."""
+    if combine not in COMBINE_RULES:
+        raise PackError(f"unknown combine rule {combine!r}; choose one of {', '.join(COMBINE_RULES)}")
+    return combine
+
+
+def split_member_name(name: str, members: int) -> tuple[int, str]:
+    """A packed tensor name "m{i}.rest" -> (i, "rest"); a name outside m0 .. m{members-1} is a PackError."""
+    head, _, rest = name.partition(".")
+    if not rest or head[:1] != "m" or not head[1:].isdigit() or int(head[1:]) >= members:
+        raise PackError(f"tensor {name!r} is not a member tensor of a {members}-member pack (want m0. .. m{members - 1}.)")
+    return int(head[1:]), rest
+
+
+def member_config_dict(config: dict) -> dict:
+    """One member's config.json from an ensemble's (or a member's own) config.json."""
+    member = {k: v for k, v in config.items() if k != "chorus_ensemble"}
+    member["architectures"] = ["LlamaForCausalLM"]
+    return member
 
 
 def weights_sha256(model_dir: str | Path) -> str:
@@ -145,8 +172,7 @@ def pack_ensemble(member_dirs: list[str | Path], out_dir: str | Path, combine: s
 
     An existing `out_dir` holding the same pack is reused; anything else there is refused.
     """
-    if combine not in COMBINE_RULES:
-        raise PackError(f"unknown combine rule {combine!r}; choose one of {', '.join(COMBINE_RULES)}")
+    check_combine(combine)
     member_dirs = [Path(d) for d in member_dirs]
     if not member_dirs:
         raise PackError("no members given: pack needs at least one member directory")
@@ -182,4 +208,41 @@ def pack_ensemble(member_dirs: list[str | Path], out_dir: str | Path, combine: s
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     os.replace(tmp, out_dir)  # the directory appears whole or not at all
     log.info("packed %d members (%s combine) into %s", len(member_dirs), combine, out_dir)
+    return out_dir
+
+
+def member_state_dicts(model_dir: str | Path) -> list[dict[str, torch.Tensor]]:
+    """Every member's Hugging Face state dict, in member order: a pack's K members, or a plain member as one.
+    The weights file is checked first (check_weights), so damage is named, not a deserializer error."""
+    model_dir = Path(model_dir)
+    check_weights(model_dir)
+    weights = load_file(model_dir / WEIGHTS)
+    if "chorus_ensemble" not in read_config(model_dir):
+        return [weights]
+    k = ensemble_members(model_dir)
+    members: list[dict[str, torch.Tensor]] = [{} for _ in range(k)]
+    for name, tensor in weights.items():
+        i, rest = split_member_name(name, k)
+        members[i][rest] = tensor
+    if any(set(m) != set(members[0]) for m in members):
+        raise PackError(f"{model_dir / WEIGHTS}: the members do not hold the same tensors")
+    return members
+
+
+def extract_member(model_dir: str | Path, i: int, out_dir: str | Path) -> Path:
+    """Write member i of a pack as a plain Llama model directory at out_dir (appears whole: temp dir + rename)."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    members = member_state_dicts(model_dir)
+    if not 0 <= i < len(members):
+        raise PackError(f"{model_dir} has {len(members)} member(s); there is no member {i}")
+    tmp = out_dir.parent / f".{out_dir.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for f in model_dir.iterdir():
+        if f.is_file() and f.name not in ("config.json", WEIGHTS):
+            shutil.copy2(f, tmp / f.name)
+    save_file(members[i], tmp / WEIGHTS, metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(member_config_dict(read_config(model_dir)), indent=2))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
     return out_dir

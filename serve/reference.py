@@ -10,10 +10,9 @@ import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from serve.pack import COMBINE_RULES, WEIGHTS, PackError, check_weights, ensemble_info, member_prefix, read_config
+from serve.pack import check_combine, check_weights, ensemble_info, member_config_dict, member_state_dicts, read_config
 
 
 def combine_member_logits(logits: torch.Tensor, combine: str) -> torch.Tensor:
@@ -22,24 +21,20 @@ def combine_member_logits(logits: torch.Tensor, combine: str) -> torch.Tensor:
     "logits": log_softmax(mean_k logits_k), the paper's ensemble (a normalized product of experts).
     "probs":  log(mean_k softmax(logits_k)) = logsumexp_k log_softmax(logits_k) - log K (a mixture).
     """
-    if combine == "logits":
+    if check_combine(combine) == "logits":
         return torch.log_softmax(logits.mean(0), dim=-1)
-    if combine == "probs":
-        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
-    raise PackError(f"unknown combine rule {combine!r}; choose one of {', '.join(COMBINE_RULES)}")
+    return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(logits.shape[0])
 
 
 def member_config(config: dict) -> LlamaConfig:
     """The Llama config of one member, from a member's or an ensemble's config.json."""
-    config = {k: v for k, v in config.items() if k not in ("chorus_ensemble", "architectures")}
+    config = {k: v for k, v in member_config_dict(config).items() if k != "architectures"}
     return LlamaConfig(**config)
 
 
 class ReferenceEnsemble:
     def __init__(self, members: list[LlamaForCausalLM], combine: str = "logits"):
-        if combine not in COMBINE_RULES:
-            raise PackError(f"unknown combine rule {combine!r}; choose one of {', '.join(COMBINE_RULES)}")
-        self.k, self.combine, self.config = len(members), combine, members[0].config
+        self.k, self.combine, self.config = len(members), check_combine(combine), members[0].config
         self.params, self.buffers = torch.func.stack_module_state([m.eval() for m in members])
         # The vmapped base: a shape-only copy on the meta device; its weights come from self.params.
         self.base = copy.deepcopy(members[0]).to("meta")
@@ -59,13 +54,10 @@ class ReferenceEnsemble:
         if "chorus_ensemble" not in read_config(path):
             return cls.from_members([path], combine or info["combine"])
         config = member_config(read_config(path))
-        check_weights(path)  # names a truncated, damaged or corrupt weights file
-        weights = load_file(path / WEIGHTS)
         members = []
-        for i in range(info["members"]):
-            prefix = member_prefix(i)
+        for state in member_state_dicts(path):  # checks the weights file first: damage is named
             model = LlamaForCausalLM(config)
-            model.load_state_dict({n[len(prefix):]: t for n, t in weights.items() if n.startswith(prefix)})
+            model.load_state_dict(state)
             members.append(model.float())
         return cls(members, combine or info["combine"])
 

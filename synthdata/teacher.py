@@ -7,15 +7,10 @@ job's output directory) and its own engine.
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
-
-from serve.pack import WEIGHTS, PackError, check_weights, ensemble_info, member_prefix, read_config, weights_sha256
+from serve.pack import WEIGHTS, PackError, check_weights, ensemble_info, extract_member, read_config, weights_sha256
 from train.data import tokenizer_hash
 
 
@@ -59,30 +54,10 @@ def read_teacher(path: str | Path) -> Teacher:
 def member_dirs(teacher: Teacher, cache_dir: Path) -> list[Path]:
     """One model directory per member: the teacher itself if it is a single member, else extracted from
     the pack into cache_dir/m<i> (once; each appears whole via a temp dir and rename)."""
-    config = read_config(teacher.path)
-    if "chorus_ensemble" not in config:
+    if "chorus_ensemble" not in read_config(teacher.path):
         return [teacher.path]
-    member_config = {k: v for k, v in config.items() if k != "chorus_ensemble"}
-    member_config["architectures"] = ["LlamaForCausalLM"]
-    weights = None
-    dirs = []
-    for i in range(teacher.members):
-        out = cache_dir / f"m{i}"
-        dirs.append(out)
-        if (out / WEIGHTS).exists():
-            continue
-        if weights is None:
-            weights = load_file(teacher.path / WEIGHTS)
-        tmp = cache_dir / f".m{i}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        for f in teacher.path.iterdir():
-            if f.is_file() and f.name not in ("config.json", WEIGHTS):
-                shutil.copy2(f, tmp / f.name)
-        prefix = member_prefix(i)
-        save_file({n[len(prefix):]: t for n, t in weights.items() if n.startswith(prefix)}, tmp / WEIGHTS,
-                  metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(member_config, indent=2))
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+    dirs = [cache_dir / f"m{i}" for i in range(teacher.members)]
+    for i, out in enumerate(dirs):
+        if not (out / WEIGHTS).exists():
+            extract_member(teacher.path, i, out)
     return dirs

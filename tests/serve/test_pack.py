@@ -12,7 +12,10 @@ import torch
 from safetensors import safe_open
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from serve.pack import PackError, ensemble_members, pack_ensemble, weights_sha256
+from safetensors.torch import load_file
+
+from serve.pack import (PackError, check_combine, ensemble_members, extract_member, member_state_dicts, pack_ensemble,
+                        read_config, split_member_name, weights_sha256)
 from serve.reference import ReferenceEnsemble, combine_member_logits
 from train.data import load_tokens, sha256_file
 
@@ -93,3 +96,37 @@ def test_reference_equals_members_run_one_by_one(tiny_members, tiny_dataset, tmp
     single = ReferenceEnsemble.from_dir(tiny_members[0])
     assert single.k == 1
     assert torch.allclose(single.log_probs(ids), torch.log_softmax(logits[0], -1), atol=1e-5)
+
+
+def test_unpack_gives_back_each_member(tiny_members, tmp_path):
+    """serve.pack's readers (what the engine, the reference and synthdata's teacher use) return every member's
+    own tensors, in order; a plain member reads as a pack of one; an extracted member is that member's directory."""
+    out = pack_ensemble(tiny_members, tmp_path / "ens")
+    originals = [load_file(m / "model.safetensors") for m in tiny_members]
+    unpacked = member_state_dicts(out)
+    assert len(unpacked) == 3
+    for original, member in zip(originals, unpacked):
+        assert set(member) == set(original) and all(torch.equal(member[n], original[n]) for n in original)
+    # negative control: the comparison tells members apart
+    assert not all(torch.equal(unpacked[0][n], originals[1][n]) for n in originals[1])
+    single = member_state_dicts(tiny_members[2])
+    assert len(single) == 1 and all(torch.equal(single[0][n], originals[2][n]) for n in originals[2])
+
+    extracted = extract_member(out, 1, tmp_path / "m1")
+    assert weights_sha256(extracted) != weights_sha256(tiny_members[0])
+    assert all(torch.equal(t, originals[1][n]) for n, t in load_file(extracted / "model.safetensors").items())
+    config = read_config(extracted)
+    assert config["architectures"] == ["LlamaForCausalLM"] and "chorus_ensemble" not in config
+    assert (extracted / "tokenizer.json").exists()
+    with pytest.raises(PackError, match="no member 3"):
+        extract_member(out, 3, tmp_path / "m3")
+
+
+def test_member_names_and_combine_rule_are_checked():
+    assert split_member_name("m2.model.norm.weight", 3) == (2, "model.norm.weight")
+    for bad in ("m3.model.norm.weight", "model.norm.weight", "mx.a", "m1"):
+        with pytest.raises(PackError, match="not a member tensor"):
+            split_member_name(bad, 3)
+    assert check_combine("probs") == "probs"
+    with pytest.raises(PackError, match="choose one of logits, probs"):
+        check_combine("median")
