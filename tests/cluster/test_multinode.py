@@ -1,4 +1,4 @@
-"""The stages on a real Ray cluster of several nodes (tests/cluster/conftest.py: a 0-CPU head and three 1-CPU
+"""The stages on a real Ray cluster of several nodes (tests/cluster/loopback_cluster.py: a 0-CPU head and three 1-CPU
 worker nodes, all on 127.0.0.1), driven by the real commands joining it with --address:
 
 - `train members --separate` runs its K member tasks on K different nodes;
@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from loopback_cluster import distinct_nodes
+from loopback_cluster import distinct_nodes, ray_cluster  # noqa: F401 - ray_cluster is the cluster fixture
 from synthdata.job import content_hash, duplicate_sequences, plan_shards, sequence_draws
 from train.data import sha256_file
 

@@ -22,8 +22,9 @@ import pytest
 from serve.app import EnsembleConfig
 from serve.pack import PackError, pack_ensemble
 from serve.reference import ReferenceEnsemble
+from train.artifacts import atomic_write_json
 from synthdata.job import (GenerateConfig, JobError, ShardRows, check_config, job_record, open_job, plan_shards,
-                           write_json_atomic, write_shard)
+                           write_shard)
 from synthdata.loader import TokenShards
 from synthdata.teacher import TeacherError, read_teacher
 from train.data import DataError, load_tokens
@@ -134,7 +135,7 @@ def synthetic_dir(tiny_ensemble, tiny_dataset, tmp_path) -> Path:
     for plan in plan_shards(cfg.tokens, cfg.shard_tokens, cfg.seed):
         rows = np.split(stream[plan.index * cfg.shard_tokens:][: plan.quota], [400, 700])
         manifest["shards"].append(write_shard(out, plan, ShardRows(rows, [-1] * 3, [0.0] * 3), job))
-    write_json_atomic(out / "manifest.json", manifest)
+    atomic_write_json(out / "manifest.json", manifest)
     assert TokenShards.open(out).tokens == cfg.tokens
     return out
 
