@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 import torch
 from safetensors.torch import load_file, save_file
 
+from train.artifacts import fresh_tmp_dir, publish_dir
 from train.data import sha256_file, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -192,9 +192,7 @@ def pack_ensemble(member_dirs: list[str | Path], out_dir: str | Path, combine: s
             return out_dir
         raise PackError(f"{out_dir} already exists and holds something else; delete it or choose another --out")
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp_dir(out_dir)
     for f in member_dirs[0].iterdir():
         if f.is_file() and f.name not in _MEMBER_ONLY_FILES:
             shutil.copy2(f, tmp / f.name)
@@ -206,7 +204,7 @@ def pack_ensemble(member_dirs: list[str | Path], out_dir: str | Path, combine: s
     config["architectures"] = [ARCHITECTURE]
     config["chorus_ensemble"] = {**block, "weights_sha256": sha256_file(tmp / WEIGHTS)}  # check_weights reads it
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    os.replace(tmp, out_dir)  # the directory appears whole or not at all
+    publish_dir(tmp, out_dir)  # the directory appears whole or not at all, durably
     log.info("packed %d members (%s combine) into %s", len(member_dirs), combine, out_dir)
     return out_dir
 
@@ -235,14 +233,11 @@ def extract_member(model_dir: str | Path, i: int, out_dir: str | Path) -> Path:
     members = member_state_dicts(model_dir)
     if not 0 <= i < len(members):
         raise PackError(f"{model_dir} has {len(members)} member(s); there is no member {i}")
-    tmp = out_dir.parent / f".{out_dir.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp_dir(out_dir)
     for f in model_dir.iterdir():
         if f.is_file() and f.name not in ("config.json", WEIGHTS):
             shutil.copy2(f, tmp / f.name)
     save_file(members[i], tmp / WEIGHTS, metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(member_config_dict(read_config(model_dir)), indent=2))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    publish_dir(tmp, out_dir)
     return out_dir
