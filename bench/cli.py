@@ -44,17 +44,27 @@ def _parse_reached(spec: str) -> tuple[str, float, float]:
         raise PointsError(f"--reached {spec!r}: expected NAME=LOSS@TOKENS, e.g. regularized=5.31@0.0002") from None
 
 
+def run_here_or_on(address: str | None, fn, *args, **kwargs):
+    """fn(*args, **kwargs) in this process, or as one Ray task on the cluster at `address` (shared paths)."""
+    if not address:
+        return fn(*args, **kwargs)
+    from train.ray_session import run_as_task
+
+    return run_as_task(address, fn, *args, **kwargs)
+
+
 def cmd_loss(args) -> None:
     from bench.evaluate import validation_loss
 
-    print(json.dumps(validation_loss(args.model, args.data_dir, args.combine, args.batch_size, args.context)))
+    print(json.dumps(run_here_or_on(args.address, validation_loss, args.model, args.data_dir, args.combine,
+                                    args.batch_size, args.context)))
 
 
 def cmd_downstream(args) -> None:
     from bench.downstream import evaluate_downstream
 
-    results = evaluate_downstream(args.model, args.task, args.combine, args.limit, args.batch_size,
-                                  add_bos=not args.no_bos)
+    results = run_here_or_on(args.address, evaluate_downstream, args.model, args.task, args.combine, args.limit,
+                             args.batch_size, add_bos=not args.no_bos)
     for name, r in results.items():
         print(json.dumps({"task": name, **r}))
 
@@ -104,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="ensemble rule: average logits (the paper's) or probabilities (a mixture); "
                             "default: the packed directory's own, else logits")
         p.add_argument("--batch-size", type=int, default=64, help="sequences per forward pass (default 64)")
+        p.add_argument("--address", help="Ray cluster address: evaluate as one Ray task on a node of that cluster "
+                                         "(every path must be on storage all nodes share); default: here")
 
     p = sub.add_parser("loss", help="validation loss (nats/token) on a dataset's fixed validation tokens")
     model_args(p)

@@ -147,3 +147,258 @@ def plot_data_efficiency(data_law: PowerLawFit, efficiencies: Mapping[str, DataE
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
     return _save(fig, path)
+
+
+# ---- the study's report (bench.study writes results.json; this renders it) ------------------------------
+
+PAPER = {  # ../shared/docs/paper-recipe.md, at 200M tokens
+    "regularized": 3.43, "ensemble": 3.34, "joint": 3.17, "standard": 3.75,
+    "efficiency": {"regularized": 2.29, "joint": 5.17}, "student_kept": 0.83,
+}
+
+
+def gain_text(g, digits: int = 4) -> str:
+    """'0.1234 nats [0.0801, 0.1652]': a gain and its 95% interval over seeds (never a bare number)."""
+    return f"{g.value:+.{digits}f} nats, 95% interval {g.interval.text(digits)}"
+
+
+def _mean(rows: Sequence[dict]) -> float:
+    return float(np.mean([r["val_loss"] for r in rows]))
+
+
+def _seeds(rows: Sequence[dict]) -> str:
+    return " / ".join(f"{r['val_loss']:.4f}" for r in rows)
+
+
+def story_section(results: dict, a) -> list[str]:
+    """The paper's story at the largest size: standard beside regularized, the ensemble, the distilled student,
+    each one's gain with its interval over seeds, and whether each effect shows."""
+    p = results["profile"]
+    top = [q for q in p["presets"] if q in results.get("members", {})]
+    if not top:
+        return ["## The story\n", "Not run yet.\n"]
+    n = top[-1]
+    m, s = results["members"][n], results["search"][n]
+    g = a.gains
+    ens = [r for r in results.get("ensembles", {}).get(n, []) if r["k"] == p["k_max"]]
+    rows = [["standard (wd 0.1)", f"{s['standard']['epochs']} / {s['standard']['lr']:g} / {s['standard']['wd']:g}",
+             len(m["standard"]), f"{_mean(m['standard']):.4f}", _seeds(m["standard"]), "(reference)"],
+            ["regularized", f"{s['regularized']['epochs']} / {s['regularized']['lr']:g} / {s['regularized']['wd']:g}",
+             len(m["regularized"]), f"{_mean(m['regularized']):.4f}", _seeds(m["regularized"]),
+             gain_text(g["regularization"]) + " vs standard" if "regularization" in g else "n/a"]]
+    if ens:
+        es = m["ensemble_setting"]
+        rows.append([f"ensemble K={p['k_max']} (logit average)", f"{es['epochs']} / {es['lr']:g} / {es['wd']:g} members",
+                     1, f"{ens[0]['loss']:.4f}", "", gain_text(g["ensemble"]) + " vs its members' mean"
+                     if "ensemble" in g else "n/a"])
+    d = results.get("distill", {})
+    if d.get("ensemble"):
+        rows.append([f"distilled student ({d['preset']}, w = {d['w']})",
+                     f"{d['student_epochs']} real epochs / {d['student_lr']:g} / {d['student_wd']:g}",
+                     len(d["ensemble"]), f"{_mean(d['ensemble']):.4f}", _seeds(d["ensemble"]),
+                     gain_text(g["student"]) + f" vs its teacher's members' mean ({d['preset']})"
+                     if "student" in g else "n/a"])
+    if d.get("self"):
+        rows.append(["self-distilled students", "one member teaches each", len(d["self"]), f"{_mean(d['self']):.4f}",
+                     _seeds(d["self"]), gain_text(g["self"]) + " vs its own teacher" if "self" in g else "n/a"])
+    if d.get("control"):
+        rows.append(["control: student recipe, real data only", f"{d['control'][0]['epochs']} epochs, same steps",
+                     len(d["control"]), f"{_mean(d['control']):.4f}", _seeds(d["control"]),
+                     gain_text(g["synthetic"]) + " (control - student)" if "synthetic" in g else "n/a"])
+    out = [f"## The story at N = {n} ({s['params']:,} non-embedding parameters), D = {p['tokens']:,} tokens\n",
+           markdown_table(["model", "epochs / lr / wd", "seeds", "loss (mean)", "each seed", "gain, 95% interval over seeds"],
+                          rows),
+           ("\nLoss: validation nats/token on the fixed held-out tokens. Intervals: percentile bootstrap over the "
+            "seeds behind each number (members resampled and every K-subset ensemble rebuilt, bench.analysis; "
+            "t-widened for few seeds). A gain whose interval includes 0 is not shown at this scale.\n")]
+    verdicts = []
+    for key, what in (("regularization", "Regularization (wd tuned above 0.1) beats the standard recipe"),
+                      ("ensemble", "The ensemble beats its members"),
+                      ("student", "The distilled student beats the members it was distilled from"),
+                      ("self", "Self-distillation beats its teacher"),
+                      ("synthetic", "Synthetic tokens beat the same steps on real data")):
+        if key in g:
+            lo, hi = g[key].interval
+            shown = "shown" if lo > 0 else ("NOT shown: the interval includes 0" if hi > 0 else "REVERSED")
+            verdicts.append(f"- {what}: {shown} ({gain_text(g[key])}).")
+    if "kept" in g and not (g["teacher"].value > 0 and g["teacher"].interval.lo > 0):
+        verdicts.append("- The ensemble shows no gain over its members here, so there is no share of it for the "
+                        "student to keep.")
+    elif "kept" in g:
+        k = g["kept"]
+        lo, hi = k.interval
+        verdicts.append(f"- The student keeps {percent(k.value)} of the ensemble's gain (95% interval "
+                        f"{'n/a' if not k.interval.defined else f'{percent(lo)} to {percent(hi)}'}; the paper: 83%"
+                        f"{'' if k.value <= 1 else '; above 100%: the student beats the ensemble itself'}).")
+    return out + ["\n".join(verdicts) + "\n"]
+
+
+def _c_text(fit) -> str:
+    """An asymptote with its 95% interval, or why there is none."""
+    if fit is None or not fit.identified:
+        return "not identified (ordering only)"
+    return f"{fit.asymptote()} (95% interval {fit.C_interval.text()})" + (f" [flags: {'; '.join(fit.flags)}]"
+                                                                        if fit.flags else "")
+
+
+def answers_section(results: dict, a) -> list[str]:
+    """The study's six questions, each answered with an interval or with why this scale cannot answer it."""
+    p = results["profile"]
+    top = [q for q in p["presets"] if q in results.get("members", {})]
+    if len(top) < 2:
+        return []
+    qa = []
+    wd = ", ".join(f"{q}: wd {results['search'][q]['regularized']['wd']:g} "
+                   f"({'certified' if results['search'][q]['regularized']['certified'] else 'not certified'}), gain "
+                   + (gain_text(a.gains_per_n[q]["regularization"]) if "regularization" in a.gains_per_n[q] else "n/a")
+                   for q in top)
+    qa.append(f"**Is the tuned weight decay above 0.1, and does it beat the standard recipe?** {wd}. "
+              "(Paper: optima 0.8-3.2.)")
+    seq = lambda r: " -> ".join(f"{_mean(results['members'][q][r]):.4f}" for q in top)
+    qa.append(f"**Does the regularized recipe improve monotonically in N while the standard one overfits?** "
+              f"Regularized seed means {seq('regularized')}; standard {seq('standard')}. Asymptotes: regularized "
+              f"{_c_text(a.size_laws.get('regularized'))}; standard {_c_text(a.size_laws.get('standard'))}.")
+    if a.per_k:
+        qa.append(f"**Is the ensemble's asymptote (K -> inf) below the regularized one?** At {top[-1]}: "
+                  f"{_c_text(a.per_k.get(top[-1]))} vs regularized N -> inf {_c_text(a.size_laws.get('regularized'))}. "
+                  "(Paper: 3.34 vs 3.43.)")
+    if a.joint is not None:
+        qa.append(f"**Is the joint limit (N, K -> inf) the lowest?** {_c_text(a.joint.over_n)}. (Paper: 3.17.)")
+    if a.efficiencies:
+        head = "; ".join(f"{n}: {e.multiplier()}" for n, e in a.headline.items()) or \
+            "none can be quoted: every multiplier is extrapolated or rests on an unidentified law"
+        qa.append(f"**What data-efficiency multipliers result (inside the data law's range)?** {head}. "
+                  "(Paper: 2.29x regularized, 5.17x joint.)")
+    g = a.gains
+    if "kept" in g:
+        k = g["kept"]
+        text = (f"**How much of the ensemble's gain does the student keep?** {percent(k.value)} (95% interval "
+                f"{percent(k.interval.lo)} to {percent(k.interval.hi)})" if k.interval.defined else
+                f"**How much of the ensemble's gain does the student keep?** {percent(k.value)} (no interval)")
+        if "self" in g:
+            text += f"; self-distillation gain over its teacher {gain_text(g['self'])}"
+        if "synthetic" in g:
+            text += f"; against the real-data-only control at the same steps {gain_text(g['synthetic'])}"
+        qa.append(text + ". (Paper: 83% kept; the self-distilled student beats its teacher.)")
+    return ["## Answers\n", "\n".join(f"{i}. {t}" for i, t in enumerate(qa, 1)) + "\n"]
+
+
+def _main_table(results: dict, a, out: Path) -> list[str]:
+    parts = ["## Scaling laws (bench.fits via bench.analysis)\n"]
+    if len(a.size_laws.get("regularized", _NoFit()).x) < 2:
+        return parts + ["One model size: no law over N at this profile.\n"]
+    parts.append(fit_table({f"{r} over N": f for r, f in a.size_laws.items()}, f"N, {a.n_unit}"))
+    plot_scaling({r: (list(f.x), list(f.y), f) for r, f in a.size_laws.items()}, out / "loss_vs_n.png",
+                 f"non-embedding parameters N ({a.n_unit})", "standard vs regularized recipe (seed means)")
+    parts.append("\n![loss vs N](loss_vs_n.png)\n")
+    if a.per_k:
+        parts.append("\n" + fit_table({f"ensemble over K at {n}": f for n, f in a.per_k.items()}, "K"))
+        plot_scaling({n: (list(f.x), list(f.y), f) for n, f in a.per_k.items()}, out / "loss_vs_k.png",
+                     "ensemble members K", "ensembles over K at each N (mean over K-subsets)")
+        parts.append("\n![loss vs K](loss_vs_k.png)\n")
+    if a.joint is not None:
+        parts += ["\n### Joint limit (K -> inf at each N, then N -> inf)\n", joint_limit_table(a.joint, "N")]
+        if a.joint.over_n is not None and a.joint.over_n.identified:
+            o = a.joint.over_n
+            plot_scaling({"K-limit C_N": (list(o.x), list(o.y), o)}, out / "joint_limit.png",
+                         f"non-embedding parameters N ({a.n_unit})", "joint limit: K -> inf at each N, then N -> inf")
+            parts.append("\n![joint limit](joint_limit.png)\n")
+    return parts
+
+
+class _NoFit:
+    x = ()
+
+
+def efficiency_section(results: dict, a, out: Path) -> list[str]:
+    if a.data_law is None:
+        return []
+    parts = ["## Data efficiency (against the standard recipe's data law)\n",
+             fit_table({"standard recipe, best N at each D": a.data_law}, f"D, {a.d_unit}"), "\n",
+             efficiency_table(a.efficiencies)]
+    if a.headline:
+        parts.append("\nHeadline (identified law, inside its fitted range): " + "; ".join(
+            f"{name}: {e.multiplier()}" for name, e in a.headline.items()) + f". Paper: {PAPER['efficiency']}.\n")
+    else:
+        parts.append("\nNo multiplier can be quoted as a headline: every one is extrapolated or rests on a law "
+                     "that is not identified.\n")
+    plot_data_efficiency(a.data_law, {n: e for n, e in a.efficiencies.items() if math.isfinite(e.loss)},
+                         out / "data_efficiency.png", xlabel=f"training tokens D ({a.d_unit})")
+    return parts + ["\n![data efficiency](data_efficiency.png)\n"]
+
+
+def search_section(results: dict) -> list[str]:
+    p = results["profile"]
+    rows = []
+    for n in [q for q in p["presets"] if q in results.get("search", {})]:
+        for r in ("standard", "regularized"):
+            o = results["search"][n][r]
+            rows.append([n, r, o["epochs"], f"{o['lr']:g}", f"{o['wd']:g}", o["reason"], len(o["runs"])])
+    if not rows:
+        return []
+    how = ("coordinate descent (train.search): certified only when all one-step neighbours ran and are worse; an "
+           "optimum on a grid edge extends the grid" if p["search"] else "not searched: the profile fixes them")
+    return ["## Recipe settings\n", f"How: {how}.\n\n",
+            markdown_table(["N", "recipe", "epochs", "lr", "wd", "status", "runs"], rows)]
+
+
+def distill_section(results: dict) -> list[str]:
+    d = results.get("distill")
+    if not d or not d.get("ensemble"):
+        return []
+    rows = [[recipe, r["seed"], r["teacher_members"], r["synthetic_generated"], f"{r['synthetic_passes']:.2f}",
+             r["steps"], f"{r['val_loss']:.4f}"] for recipe in ("ensemble", "self") for r in d.get(recipe, [])]
+    return ["## Distillation (synthdata + distill)\n",
+            f"Synthetic budget rule: {d['synthetic_tokens_rule']}.\n\n",
+            markdown_table(["recipe", "student seed", "teacher members", "synthetic tokens", "passes over them",
+                            "steps", "val loss"], rows)]
+
+
+def downstream_section(results: dict) -> list[str]:
+    down = results.get("downstream", {})
+    if "models" not in down:
+        return [f"## Downstream\n\nSkipped: {results['downstream_skipped']}.\n"] if "downstream_skipped" in results else []
+    tasks = sorted({t for r in down["models"].values() for t in r})
+    rows = [[name, *[f"{r[t]['acc']:.3f} ± {r[t]['acc_stderr']:.3f}" if t in r else "" for t in tasks]]
+            for name, r in down["models"].items()]
+    return ["## Downstream (zero-shot accuracy ± standard error)\n", markdown_table(["model", *tasks], rows),
+            "\nChance: 0.25 on 4-way tasks (the held-out next-word task, ARC, OpenBookQA), 0.5 on PIQA and COPA.\n"]
+
+
+def serve_section(results: dict) -> list[str]:
+    e = results.get("serve")
+    if not e:
+        return []
+    return ["## Serving\n", (f"Ray Serve endpoint {e['url']} served {e['models']} ({e['ensemble_dir']}): completion "
+                             f"{e['completion'][:50]!r}, {e['stream_chunks']} streamed chunks, "
+                             f"{e['prompt_tokens_scored']} prompt tokens scored (echo + logprobs); then stopped.\n")]
+
+
+def render_report(results: dict, a, out: Path, phases: Sequence[str]) -> str:
+    """REPORT.md's text from results.json's content and its analysis (bench.study.analyze); writes the plots."""
+    p = results["profile"]
+    done = results.get("phases_done", [])
+    status = "complete" if all(ph in done for ph in phases) else (
+        f"**PARTIAL**: phases done {', '.join(done) or 'none'}; still to run "
+        f"{', '.join(ph for ph in phases if ph not in done)}")
+    ds = results.get("dataset", {})
+    parts = [f"# Chorus: profile `{p['name']}`\n", f"{p['description']}\n",
+             (f"- Status: {status}\n- Command: `{results.get('command', '')}` (the same command continues a killed run)\n"
+             f"- Corpus: {', '.join(ds.get('corpus', []))}; {ds.get('train_tokens', 0):,} training tokens available, "
+             f"{ds.get('val_tokens', 0):,} fixed validation tokens, vocabulary {ds.get('vocab_size', p['vocab_size'])}; "
+             f"context {p['context']}, batch {p['batch_size']}\n")]
+    parts += answers_section(results, a)
+    parts += story_section(results, a)
+    parts += search_section(results)
+    parts += _main_table(results, a, out)
+    parts += efficiency_section(results, a, out)
+    parts += distill_section(results)
+    parts += downstream_section(results)
+    parts += serve_section(results)
+    secs = results.get("seconds", {})
+    if secs:
+        parts += ["## Time\n", " | ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+                  + f" | total {sum(secs.values()):.0f} s\n"]
+    return "\n".join(parts)
+
+

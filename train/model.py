@@ -33,6 +33,7 @@ class Shape:
 
 PRESETS: dict[str, Shape] = {
     # CPU ladder (head_dim 32 or 64)
+    "cpu-xxxs": Shape(hidden=32, mlp=128, heads=1, kv_heads=1, layers=2),  # 0.033M: the bottom of the study ladder
     "cpu-xxs": Shape(hidden=32, mlp=128, heads=1, kv_heads=1, layers=4),
     "cpu-xxs2": Shape(hidden=64, mlp=256, heads=2, kv_heads=2, layers=2),  # between xxs and xs: 0.13M
     "cpu-xs": Shape(hidden=64, mlp=256, heads=2, kv_heads=2, layers=4),

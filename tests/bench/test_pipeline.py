@@ -1,12 +1,15 @@
-"""The main job's own pieces: the held-out next-word task it builds and the sentence its report prints."""
+"""The main job's own pieces: the held-out next-word task it builds, its profile, and the verdicts its report prints."""
 from __future__ import annotations
 
-import math
+import dataclasses
+import json
 
+import numpy as np
 import pytest
 
 from bench.downstream import MultipleChoiceItem, _parse_item
-from bench.pipeline import gain_sentence, heldout_next_word
+from bench.report import story_section
+from bench.study import analyze, heldout_next_word, load_profile
 
 
 def test_heldout_next_word_is_a_valid_four_way_task(tiny_dataset):
@@ -22,11 +25,60 @@ def test_heldout_next_word_is_a_valid_four_way_task(tiny_dataset):
     assert heldout_next_word(tiny_dataset, 50) == items  # seeded: every run of the job scores the same items
 
 
-@pytest.mark.parametrize("gain, kept, expect", [
-    (0.05, 0.8, "keeps 80% of it"),
-    (0.05, -0.004, "keeps 0% of it"),  # a student a hair worse than the best member: not "-0%"
-    (0.05, 2.0, "below the ensemble itself (200% of the gain)"),
-    (-0.01, math.nan, "did not beat the best member"),
+def test_main_profile_is_the_smallest_and_serves():
+    main = load_profile("main")
+    assert main.context >= 256  # lm-evaluation-harness's multiple-choice items fit
+    assert main.serve_check and main.seeds >= 3 and main.k_max >= 3 and main.student_seeds >= 2
+    assert len(main.presets) == 1 and not main.search
+
+
+def main_results(std, reg, students, ensemble_gain=0.08) -> dict:
+    """A finished main job with given member and student losses (the ensemble of the regularized members)."""
+    import itertools
+
+    profile = json.loads(json.dumps(dataclasses.asdict(load_profile("main"))))
+    rows = lambda losses: [{"seed": i, "val_loss": v, "model_dir": "m"} for i, v in enumerate(losses)]
+    subsets = [{"k": k, "seeds": list(s), "loss": float(np.mean([reg[i] for i in s])) - ensemble_gain * (k - 1) / 2}
+               for k in (1, 2, 3) for s in itertools.combinations(range(3), k)]
+    fixed = {"epochs": 16, "lr": 3e-3, "certified": False, "reason": "fixed by the profile, not searched", "runs": []}
+    return {"profile": profile, "phases_done": [], "dataset": {},
+            "search": {"cpu-xs": {"params": 262720, "standard": {**fixed, "wd": 0.1},
+                                  "regularized": {**fixed, "wd": 3.2}}},
+            "members": {"cpu-xs": {"standard": rows(std), "regularized": rows(reg), "ensemble": rows(reg),
+                                   "ensemble_setting": {"epochs": 16, "lr": 3e-3, "wd": 3.2}}},
+            "ensembles": {"cpu-xs": subsets},
+            "distill": {"preset": "cpu-xs", "w": 0.75, "student_epochs": 4, "student_lr": 3e-3, "student_wd": 0.1,
+                        "ensemble": [{"seed": 1000 + i, "val_loss": v} for i, v in enumerate(students)]}}
+
+
+def test_story_shows_standard_regularized_ensemble_student_side_by_side():
+    results = main_results([5.50, 5.52, 5.49], [5.30, 5.32, 5.28], [5.20, 5.21])
+    text = "\n".join(story_section(results, analyze(results, 200)))
+    for row in ("| standard (wd 0.1) |", "| regularized |", "| ensemble K=3", "| distilled student"):
+        assert row in text, row
+    assert "beats the standard recipe: shown" in text and "The ensemble beats its members: shown" in text
+    assert "The distilled student beats the members it was distilled from: shown" in text
+    assert "above 100%: the student beats the ensemble itself" in text  # 5.205 < the ensemble's 5.22
+
+
+def test_story_says_not_shown_when_seeds_overlap():
+    # negative control: standard and regularized seeds interleave, students sit among the members
+    results = main_results([5.30, 5.34, 5.29], [5.31, 5.33, 5.28], [5.33, 5.29])
+    text = "\n".join(story_section(results, analyze(results, 200)))
+    assert "beats the standard recipe: NOT shown" in text
+    assert "The distilled student beats the members it was distilled from: NOT shown" in text
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"seeds": 1}, "field 'seeds'"), ({"presets": ["cpu-nope"]}, "field 'presets'"),
+    ({"distill_preset": "cpu-s"}, "field 'distill_preset'"), ({"colour": 1}, "unknown field(s) colour"),
 ])
-def test_gain_sentence(gain, kept, expect):
-    assert expect in gain_sentence({"ensemble_gain": gain, "student_keeps": kept, "w": 0.75})
+def test_a_bad_profile_is_named_with_its_field(tmp_path, bad, message):
+    from bench.study import PROFILE_DIR, StudyError
+
+    record = {**json.loads((PROFILE_DIR / "main.json").read_text()), **bad}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(record))
+    with pytest.raises(StudyError, match="bad.json") as e:
+        load_profile(str(path))
+    assert message in str(e.value)
