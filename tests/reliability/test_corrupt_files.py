@@ -134,7 +134,7 @@ def synthetic_dir(tiny_ensemble, tiny_dataset, tmp_path) -> Path:
     stream = load_tokens(tiny_dataset, "val", max_tokens=cfg.tokens)
     for plan in plan_shards(cfg.tokens, cfg.shard_tokens, cfg.seed):
         rows = np.split(stream[plan.index * cfg.shard_tokens:][: plan.quota], [400, 700])
-        manifest["shards"].append(write_shard(out, plan, ShardRows(rows, [-1] * 3, [0.0] * 3), job))
+        manifest["shards"].append(write_shard(out, plan, ShardRows(rows, [-1] * 3, [0.0] * 3, [1, 2, 3]), job))
     atomic_write_json(out / "manifest.json", manifest)
     assert TokenShards.open(out).tokens == cfg.tokens
     return out
