@@ -119,8 +119,9 @@ class SearchSpace:
                 else:
                     value = ladder_step(axis, p[a], direction)
                     if value is None or not lo <= value <= hi:
+                        allowed = f"fixed at {lo:g}" if lo == hi else f"limited to {lo:g}..{hi:g}"
                         edges.append(f"{axis} {'below' if direction < 0 else 'above'} {p[a]:g}: "
-                                     f"outside the limits [{lo:g}, {hi:g}]")
+                                     f"outside the search ({axis} {allowed})")
                         continue
                     grids[a] = sorted({*grids[a], value})
                 q = list(p)

@@ -135,7 +135,7 @@ def test_synthetic_job_stopped_by_sigterm_leaves_no_process_and_resumes(packed_t
     out = tmp_path / "job"
     cmd = [sys.executable, "-m", "synthdata", "generate", "--teacher", str(packed_teacher), "--tokens", "40000",
            "--shard-tokens", "2000", "--out", str(out), "--no-progress"]
-    code, log, left = _terminate_and_list(cmd, tmp_path / "generate.log", "starting 1 replica")
+    code, log, left = _terminate_and_list(cmd, tmp_path / "generate.log", "started a local Ray")
     assert code == 130 and "re-run the same command to resume" in log and "Traceback" not in log, log[-3000:]
     assert not left, "processes left after SIGTERM:\n" + "\n".join(left)
     # nothing lost: the job resumes to its exact budget

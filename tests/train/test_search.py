@@ -83,7 +83,7 @@ def test_neighbours_and_joint_recipe():
     space = SearchSpace(epochs=(1, 2, 4), lrs=(1e-3, 3e-3), wds=(0.1, 0.8, 1.6), limits=((1, 4), (1e-3, 3e-3), (0.1, 1.6)))
     neighbours, edges, _ = space.neighbours((2, 1e-3, 0.8))
     assert sorted(neighbours) == [(1, 1e-3, 0.8), (2, 1e-3, 0.1), (2, 1e-3, 1.6), (2, 3e-3, 0.8), (4, 1e-3, 0.8)]
-    assert edges == ["lr below 0.001: outside the limits [0.001, 0.003]"]
+    assert edges == ["lr below 0.001: outside the search (lr limited to 0.001..0.003)"]
     assert space.nearest(3, 2e-3, 1.0) in {(2, 1e-3, 0.8), (4, 1e-3, 0.8), (2, 3e-3, 0.8), (4, 3e-3, 0.8)}
     assert SearchSpace.standard().wds == (0.1,) and SearchSpace.standard().fixed == ("wd",)
     assert joint_recipe(16, 0.8) == (32, 0.4) and joint_recipe(8, 0.1) == (16, 0.1)
