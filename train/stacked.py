@@ -432,7 +432,7 @@ def _train(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path, pr
             member.load_state_dict(model.member_state_dict(i))
             val_loss = evaluate(member, *val)
             emit(i, {"step": total, "val_loss": val_loss})
-            finish_run(c, d, member, val_loss, total, manifest)
+            finish_run(c, d, member, val_loss, total, manifest, base)
     finally:
         for f in files:
             if f is not None:

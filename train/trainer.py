@@ -169,7 +169,7 @@ def _autocast(device: torch.device):
 
 def _save_checkpoint(run_dir: Path, model, optimizer, step: int) -> None:
     names = {id(p): n for n, p in model.named_parameters()}
-    moments = {f"{names[id(p)]}::{key}": value.reshape(value.shape)
+    moments = {f"{names[id(p)]}::{key}": value
                for group in optimizer.param_groups for p in group["params"]
                for key, value in optimizer.state[p].items()}
     save_checkpoint(run_dir, step, {"model": model.state_dict(), "optimizer": moments})
@@ -300,11 +300,11 @@ def _train_loop(cfg: TrainConfig, run_dir: Path, batches: BatchSource, val: tupl
         val_loss = evaluate(model, *val)
         emit({"step": total, "val_loss": val_loss})
 
-    return finish_run(cfg, run_dir, model, val_loss, total, manifest)
+    return finish_run(cfg, run_dir, model, val_loss, total, manifest, base)
 
 
 def finish_run(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, val_loss: float, steps: int,
-               manifest: dict) -> dict:
+               manifest: dict, base: BaseModel | None = None) -> dict:
     """Write a trained member: run_dir/model (HF directory + chorus_run.json), then result.json (last: its
     presence means the run is complete), then drop the run's checkpoints. Shared by lone and stacked runs."""
     final = run_dir / "model"
@@ -317,8 +317,8 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, val_loss
               "non_embedding_params": shape_of(model.config).non_embedding_params(),
               "tokenizer_sha256": manifest["tokenizer_sha256"], "config": cfg.identity(),
               "weights_sha256": sha256_file(tmp / "model.safetensors")}  # loaders verify it (serve.pack.check_weights)
-    if cfg.init_from:
-        result["base"] = read_base(cfg.init_from).provenance()  # what it was continued from (path, weights sha256)
+    if base is not None:  # the base read at the start (not re-hashed here)
+        result["base"] = base.provenance()  # what it was continued from (path, weights sha256)
     (tmp / "chorus_run.json").write_text(json.dumps(result, indent=1))
     publish_dir(tmp, final)
     atomic_write_json(run_dir / "result.json", result)
