@@ -35,6 +35,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes; 0 = at the end only")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable checkpoints (default 50)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch default)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile a lone member on a CUDA GPU (faster steps after a compile of a minute or so; "
+                        "ignored on the CPU and by stacked training)")
 
 
 def check_preset(args) -> None:
@@ -53,7 +56,8 @@ def train_config_from_args(args, seed: int):
                        tokens=args.tokens, epochs=args.epochs,
                        lr=args.lr, weight_decay=args.wd, seed=seed, batch_size=args.batch_size,
                        context=args.context, eval_every=args.eval_every,
-                       checkpoint_every=args.checkpoint_every, threads=args.threads)
+                       checkpoint_every=args.checkpoint_every, threads=args.threads,
+                       compile=getattr(args, "compile", False))
 
 
 def cmd_data(args) -> None:

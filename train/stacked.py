@@ -42,8 +42,8 @@ from train.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
 from train.model import Shape, flops_per_token
 from train.base import BaseModel
-from train.trainer import (EpochBatches, TrainConfig, claim_run_dir, evaluate, finish_run, initial_model, lr_at,
-                           member_llama_config, trim_metrics, validation_windows)
+from train.trainer import (EpochBatches, TrainConfig, autocast_for, claim_run_dir, evaluate, finish_run, initial_model,
+                           lr_at, member_llama_config, trim_metrics, validation_windows)
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ class StackedLlama(nn.Module):
         """Per member: the sum of next-token cross-entropy over non-ignored targets [K], and their count [K]."""
         logits = self(ids)
         k = ids.shape[0]
-        per_token = F.cross_entropy(logits.view(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+        per_token = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX,
                                     reduction="none")
         return per_token.view(k, -1).sum(1), (targets != IGNORE_INDEX).view(k, -1).sum(1)
 
@@ -394,7 +394,8 @@ def _train(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path, pr
             batch = [s.batch(step) for s in sources]
             x = torch.from_numpy(np.stack([b[0] for b in batch])).to(device)
             y = torch.from_numpy(np.stack([b[1] for b in batch])).to(device)
-            sums, counts = model.losses(x, y)
+            with autocast_for(device):  # bf16 matmuls on CUDA, fp32 master weights and moments (as lone runs)
+                sums, counts = model.losses(x, y)
             loss = sums / counts
             optimizer.zero_grad()
             loss.sum().backward()
@@ -450,7 +451,8 @@ def evaluate_stack(model: StackedLlama, inputs: np.ndarray, targets: np.ndarray,
     for i in range(0, len(inputs), batch_size):
         x = torch.from_numpy(inputs[i : i + batch_size]).to(device).expand(model.k, -1, -1)
         y = torch.from_numpy(targets[i : i + batch_size]).to(device).expand(model.k, -1, -1)
-        sums, counts = model.losses(x, y)
+        with autocast_for(device):
+            sums, counts = model.losses(x, y)
         total += sums.double().cpu()
         count += int(counts[0])
     model.train()

@@ -7,8 +7,8 @@ worker nodes, all on 127.0.0.1), driven by the real commands joining it with --a
   duplicate sequence and every shard holding exactly its planned sequences;
 - `serve up --replicas 2 --max-replicas-per-node 1` puts the replicas on two nodes and keeps answering when
   one of them is killed (Serve starts a new replica on the third node);
-- `synthdata generate --endpoint URL` through that endpoint: the offline job's shards byte for byte, and an
-  exactly-once resume after kill -9.
+- `synthdata generate --endpoint URL` through that endpoint: the offline job's sequences (every column
+  identical but the float log-probabilities), and an exactly-once resume after kill -9.
 Where the workers run is read from the processes: a Ray worker is a child of its node's raylet.
 """
 from __future__ import annotations
@@ -195,7 +195,8 @@ def test_serve_replicas_on_distinct_nodes_survive_a_node_kill(ray_cluster, endpo
 def test_synth_through_the_endpoint_matches_offline_and_resumes(ray_cluster, endpoint_on_cluster, packed_teacher,
                                                                   offline_job_with_node_kill, tmp_path):
     """The same job through the live endpoint: first run killed (-9) after its first shard, then re-run. Shards
-    0..2 (the same plan as the offline job's first three) must equal the offline job's byte for byte."""
+    0..2 (the same plan as the offline job's first three) must hold the offline job's sequences: every column
+    identical but the float log-probabilities, which agree to rounding."""
     tokens = 3 * SHARD_TOKENS
     out = tmp_path / "via-endpoint"
     cmd = [PY, "-m", "synthdata", "generate", "--teacher", str(packed_teacher), "--tokens", str(tokens),
@@ -224,7 +225,13 @@ def test_synth_through_the_endpoint_matches_offline_and_resumes(ray_cluster, end
         assert mine.column("sequence_seed").to_pylist() == theirs.column("sequence_seed").to_pylist()
         same = sum(a == b for a, b in zip(mine.column("tokens").to_pylist(), theirs.column("tokens").to_pylist()))
         assert same == theirs.num_rows, f"{entry['file']}: {same} of {theirs.num_rows} sequences identical"
-        assert sha256_file(out / entry["file"]) == sha256_file(offline / entry["file"])
+        # Every column but the float log-probabilities is identical. Those are summed from logits computed in
+        # batches of another composition (the endpoint's concurrent requests vs the offline engine's), so they
+        # agree to rounding, not bit for bit.
+        exact = [name for name in theirs.column_names if name != "sample_logprob"]
+        assert mine.select(exact).equals(theirs.select(exact)), entry["file"]
+        np.testing.assert_allclose(mine.column("sample_logprob").to_numpy(), theirs.column("sample_logprob").to_numpy(),
+                                   rtol=1e-4, atol=1e-3)
 
 
 def test_bench_loss_with_address_runs_on_a_worker_node(ray_cluster, tiny_members, tiny_dataset):

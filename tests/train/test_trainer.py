@@ -53,6 +53,15 @@ def test_weight_decay_groups():
     assert "lm_head.weight" in decayed and "model.layers.0.mlp.up_proj.weight" in decayed
     assert "model.embed_tokens.weight" in plain and "model.norm.weight" in plain
     assert all("norm" not in n for n in decayed)
+    assert not opt.defaults["fused"]  # the CPU keeps the plain update (fused is for CUDA parameters)
+
+
+def test_compile_is_a_runtime_knob_not_part_of_the_run():
+    """`--compile` changes how fast a run goes, not which run it is (a compiled resume of a plain run is the
+    same run); a real knob (lr) does change it."""
+    plain = TrainConfig(data_dir="d", preset="cpu-xs")
+    assert TrainConfig(data_dir="d", preset="cpu-xs", compile=True).identity() == plain.identity()
+    assert TrainConfig(data_dir="d", preset="cpu-xs", lr=1e-3).identity() != plain.identity()
 
 
 def _cfg(data_dir, **kw) -> TrainConfig:
