@@ -1,11 +1,13 @@
-"""Synthetic generation through a live endpoint vs the offline job, in one run: throughput and byte identity.
+"""Synthetic generation through a live endpoint vs the offline job, in one run: throughput and identity.
 
     python -m bench.synth_endpoint_throughput --teacher runs/ensemble --tokens 200000 --replicas 1 --out runs/bench-ep
 
 1. the offline job (`synthdata generate`: the job's own vLLM engines as Ray actors) into OUT/offline;
 2. the endpoint (`serve up`: Ray Serve + vLLM's OpenAI server, the same number of replicas) started here on
    127.0.0.1, and the same job through it (`--endpoint`) into OUT/endpoint; then the endpoint is stopped.
-Both jobs have the same plan (teacher, budget, shards, seeds), so their shards can be compared file by file.
+Both jobs have the same plan (teacher, budget, shards, seeds), so their shards can be compared file by file:
+sequences by their tokens, files by sha256 (a file also holds float log-probabilities, which agree only to
+rounding when the two engines batch the requests differently, so equal sequences need not mean equal files).
 Tokens/s counts the generation only (engine and endpoint start-up excluded). Writes OUT/result.json and
 prints it. Each job is resumable: a re-run of this script re-measures only what is missing (delete OUT to
 measure again).

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from serve.engine import engine_dtype
 from serve.pack import PackError, check_weights, read_config
 from train.ray_session import connect_ray, disconnect_ray, is_loopback, keep_serve_replica_on_loopback
 
@@ -74,9 +75,10 @@ class EnsembleConfig:
             raise PackError(f"port must be in 1..65535 (got {self.port})")
 
     def vllm_cli_args(self) -> list[str]:
-        """The configuration as `vllm serve` arguments: parsed by vLLM's own parser into its own Namespace."""
+        """The configuration as `vllm serve` arguments: parsed by vLLM's own parser into its own Namespace.
+        Built in the replica, so the dtype is the replica's device's (serve.engine.engine_dtype)."""
         argv = ["--model", str(Path(self.model_dir).resolve()), "--served-model-name", self.model_name,
-                "--dtype", "float32", "--kv-cache-memory-bytes", str(self.kv_cache_bytes),
+                "--dtype", engine_dtype(), "--kv-cache-memory-bytes", str(self.kv_cache_bytes),
                 "--max-num-seqs", str(self.max_num_seqs), "--seed", str(self.seed),
                 "--chat-template", PLAIN_CHAT_TEMPLATE, "--distributed-executor-backend", "mp"]
         if self.max_model_len:

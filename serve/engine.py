@@ -1,6 +1,6 @@
 """The ensemble in vLLM's offline engine: how Chorus starts one, and the prompt scores it gives.
 
-The same settings as the endpoint (fp32, explicit KV-cache size, eager on CPU), for tests, benchmarks
+The same settings as the endpoint (engine_dtype(), explicit KV-cache size, eager on CPU), for tests, benchmarks
 and scripts that want the engine without HTTP. Callers that start engines need a `__main__` guard.
 """
 from __future__ import annotations
@@ -9,13 +9,22 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def engine_dtype() -> str:
+    """The dtype every Chorus vLLM engine runs in, chosen by the device the engine starts on (call it there):
+    bf16 on a CUDA GPU; fp32 on the CPU, where vLLM's bf16 is unusable. The ensemble's combine always
+    returns fp32 log-probabilities (serve.ensemble_model), so bf16 weights do not coarsen the scores."""
+    import torch
+
+    return "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 @contextmanager
 def offline_engine(model_dir: str | Path, *, max_model_len: int | None = None, kv_cache_bytes: int = 1 << 30,
                    max_num_seqs: int = 64, enforce_eager: bool = True, seed: int = 0):
     """A `vllm.LLM` on an ensemble (or member) directory; its engine process is shut down on exit."""
     from vllm import LLM
 
-    llm = LLM(model=str(model_dir), dtype="float32", max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_bytes,
+    llm = LLM(model=str(model_dir), dtype=engine_dtype(), max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_bytes,
               max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, seed=seed, disable_log_stats=True)
     try:
         yield llm

@@ -115,15 +115,15 @@ class ChorusEnsembleForCausalLM(nn.Module):
         return rms_norm(x, self.norm, self.eps).transpose(0, 1).reshape(x.shape[1], -1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """The ensemble's next-token log-probabilities, returned as logits (softmax of them is the ensemble)."""
+        """The ensemble's next-token log-probabilities, returned as logits (softmax of them is the ensemble);
+        fp32 whatever the engine's dtype (a bf16 engine on GPU would otherwise round the scores to 3 digits)."""
         if self.combine == "logits":
             # [h_1 .. h_K] @ [W_1; ..; W_K] = sum_k h_k W_k: the members' summed logits in one matmul.
             summed = hidden_states @ self.lm_head.view(self.k * self.hidden_size, self.vocab_size)
-            return torch.log_softmax(summed.float() / self.k, dim=-1).to(hidden_states.dtype)
+            return torch.log_softmax(summed.float() / self.k, dim=-1)
         per_member = hidden_states.reshape(-1, self.k, self.hidden_size).transpose(0, 1)  # [K, T, H]
         logits = torch.bmm(per_member, self.lm_head).float()  # [K, T, V]
-        mixed = torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(self.k)
-        return mixed.to(hidden_states.dtype)
+        return torch.logsumexp(torch.log_softmax(logits, dim=-1), dim=0) - math.log(self.k)
 
     @torch.no_grad()
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

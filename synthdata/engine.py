@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serve.engine import engine_dtype
+
 
 @dataclass(frozen=True)
 class SamplingSettings:
@@ -41,7 +43,7 @@ class TeacherEngine:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self.llm = LLM(model=model_dir, dtype="float32", enforce_eager=True, max_model_len=max_len, seed=seed,
+        self.llm = LLM(model=model_dir, dtype=engine_dtype(), enforce_eager=True, max_model_len=max_len, seed=seed,
                        logprobs_mode="processed_logprobs", disable_log_stats=True)
 
     def sample(self, bos_token_id: int, seeds: list[int], settings: SamplingSettings
