@@ -84,19 +84,29 @@ def cfg_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _steady_tokens_per_s(run_dir: Path, key: str = "tokens_per_s") -> float:
+    """Median of a run's metrics windows, the first (start-up) left out."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    windows = [r[key] for r in records if key in r]
+    return float(np.median(windows[1:] or windows))
+
+
 def check_stacked(cfg: TrainConfig, root: Path, k: int) -> dict:
-    """K members trained as one stack (train.members' default), each an ordinary member directory."""
+    """K members trained as one stack (train.members' default), each an ordinary member directory; then the
+    same K trained as lone runs one after another, for the stack's speed-up (steady-state windows of each)."""
     try:
         from train.members import train_members
     except ImportError as e:  # pragma: no cover - the module is part of train/
         return {"ok": False, "error": str(e)}
-    t = time.perf_counter()
-    results = train_members([dataclasses.replace(cfg, seed=s) for s in range(k)], root / "stack")
-    wall = time.perf_counter() - t
-    steps = results[0]["steps"]
-    tokens = k * steps * cfg.batch_size * cfg.context
+    configs = [dataclasses.replace(cfg, seed=s) for s in range(k)]
+    results = train_members(configs, root / "stack")
+    stacked = _steady_tokens_per_s(Path(results[0]["model_dir"]).parent, "stack_tokens_per_s")
+    lone = [_steady_tokens_per_s(Path(train_member(c, root / "lone" / f"seed-{c.seed}", progress=False)["model_dir"]).parent)
+            for c in configs]
     return {"ok": all((Path(r["model_dir"]) / "model.safetensors").exists() for r in results), "k": k,
-            "val_losses": [r["val_loss"] for r in results], "tokens_per_s_all_members": tokens / wall}
+            "preset": cfg.preset, "val_losses": [r["val_loss"] for r in results],
+            "tokens_per_s_all_members": stacked, "lone_tokens_per_s": float(np.median(lone)),
+            "stacked_over_lone": stacked / float(np.median(lone))}
 
 
 def measure_throughput(cfg: TrainConfig, root: Path, peak: float, sheet: float | None) -> dict:

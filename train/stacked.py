@@ -43,7 +43,7 @@ from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, wind
 from train.model import Shape, flops_per_token
 from train.base import BaseModel
 from train.trainer import (EpochBatches, TrainConfig, autocast_for, claim_run_dir, evaluate, finish_run, initial_model,
-                           lr_at, member_llama_config, trim_metrics, validation_windows)
+                           keep_freed_memory, lr_at, member_llama_config, trim_metrics, validation_windows)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,8 @@ class StackedLlama(nn.Module):
         half = x.shape[-1] // 2
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        """The trunk: input ids [K, B, T] -> each member's final-normed hidden states [K, B*T, H]."""
         k, b, t = ids.shape
         vocab, hd = self.config.vocab_size, self.head_dim
         offsets = (torch.arange(k, device=ids.device) * vocab)[:, None, None]
@@ -161,16 +162,26 @@ class StackedLlama(nn.Module):
             x = x + torch.bmm(o.transpose(1, 2).reshape(k, b * t, self.heads * hd), layer.wo.transpose(1, 2))
             gate, up = torch.bmm(self._norm(x, layer.ln2), layer.wgu.transpose(1, 2)).chunk(2, dim=-1)
             x = x + torch.bmm(F.silu(gate) * up, layer.wdown.transpose(1, 2))
-        head = self.embed if self.head is None else self.head
-        return torch.bmm(self._norm(x, self.norm), head.transpose(1, 2))
+        return self._norm(x, self.norm)
+
+    def _head(self) -> torch.Tensor:
+        return self.embed if self.head is None else self.head
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """Input ids [K, B, T] -> logits [K, B*T, V]."""
+        return torch.bmm(self.hidden_states(ids), self._head().transpose(1, 2))
 
     def losses(self, ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per member: the sum of next-token cross-entropy over non-ignored targets [K], and their count [K]."""
-        logits = self(ids)
-        k = ids.shape[0]
-        per_token = F.cross_entropy(logits.view(-1, logits.shape[-1]).float(), targets.reshape(-1), ignore_index=IGNORE_INDEX,
-                                    reduction="none")
-        return per_token.view(k, -1).sum(1), (targets != IGNORE_INDEX).view(k, -1).sum(1)
+        """Per member: the sum of next-token cross-entropy over non-ignored targets [K], and their count [K].
+
+        Each member's logits and loss are computed on their own ([B*T, V], a lone run's size), never as one
+        [K, B*T, V] tensor: at K=4 and vocab 4096 that is 268 MB per copy, and the logits, their log-softmax and
+        its gradient, each that large, made a stacked step on the CPU slower than K lone steps."""
+        hidden, head = self.hidden_states(ids), self._head()
+        flat = targets.reshape(self.k, -1)
+        sums = [F.cross_entropy(F.linear(hidden[i], head[i]).float(), flat[i], ignore_index=IGNORE_INDEX, reduction="sum")
+                for i in range(self.k)]
+        return torch.stack(sums), (flat != IGNORE_INDEX).sum(1)
 
 
 def init_members(config: LlamaConfig, seeds: list[int], base: BaseModel | None = None) -> StackedLlama:
@@ -355,6 +366,7 @@ def _train(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path, pr
     manifest = read_manifest(cfg.data_dir)
     config, base = member_llama_config(cfg, manifest)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    keep_freed_memory(device)
     inputs, targets = windows(load_tokens(cfg.data_dir, "train", cfg.tokens), cfg.context)
     sources = [EpochBatches(inputs, targets, cfg.batch_size, cfg.epochs, c.seed) for c in configs]
     val = validation_windows(cfg.data_dir, cfg.context)
