@@ -111,10 +111,15 @@ def test_unknown_profile_is_refused_naming_the_choices(tmp_path):
 
 
 def test_every_shipped_profile_loads():
-    assert {"main", "micro", "wiki"} <= set(profile_names())
-    wiki = load_profile("wiki")
-    assert len(wiki.presets) >= 5 and wiki.k_max >= 5 and len(wiki.budgets) + 1 >= 5 and wiki.search
-    assert wiki.seeds >= 3 and wiki.student_seeds >= 3 and wiki.self_teachers >= 3 and wiki.distill_control
+    names = set(profile_names())
+    assert {"main", "micro", "wiki", "wiki-25k"} <= names
+    for name in names:
+        load_profile(name)  # check_profile runs on every file shipped
+    for study in ("wiki", "wiki-25k"):  # the committed-study design: more points than parameters everywhere
+        p = load_profile(study)
+        assert len(p.presets) >= 5 and p.k_max >= 5 and len(p.budgets) + 1 >= 5 and p.search, study
+        assert p.seeds >= 3 and p.student_seeds >= 3 and p.self_teachers >= 3 and p.distill_control, study
+        assert p.joint_members and set(p.budget_presets) <= set(p.presets), study
 
 
 # ---- the synthetic budget rule -----------------------------------------------------------------------
