@@ -374,6 +374,51 @@ def serve_section(results: dict) -> list[str]:
                              f"{e['prompt_tokens_scored']} prompt tokens scored (echo + logprobs); then stopped.\n")]
 
 
+PAPER_SCALE = "150M-1.4B parameters on 200M tokens"
+
+
+def limits_section(results: dict, a) -> list[str]:
+    """What this study's scale cannot answer, collected from the analysis rather than written by hand: optima the
+    search could not certify, laws not identified or flagged, multipliers read outside the data law's range,
+    and effects whose interval includes 0. A reader sees every caveat in one place, not only beside each number."""
+    p, search = results["profile"], results.get("search", {})
+    if not search:
+        return []
+    params = [s["params"] for s in search.values()]
+    lines = [f"- Scale: {min(params):,}-{max(params):,} non-embedding parameters on {p['tokens']:,} tokens "
+             f"(the paper: {PAPER_SCALE}). The orderings are the findings that may carry over; the sizes of "
+             "asymptotes and multipliers at this scale are not the paper's numbers."]
+    uncertified = [f"{n} {r} ({o['reason']})" for n, s in search.items() for r in ("standard", "regularized")
+                   if (o := s[r]) and not o.get("certified")]
+    for preset, per_d in results.get("budgets", {}).items():
+        uncertified += [f"{preset} {r} at D={int(d):,} ({row[r]['reason']})" for d, row in per_d.items()
+                        for r in ("standard", "regularized") if "certified" in row[r] and not row[r]["certified"]]
+    if uncertified:
+        lines.append("- Optima not certified (a better setting may lie beyond them): " + "; ".join(uncertified) + ".")
+    laws = {**{f"{r} over N": f for r, f in a.size_laws.items()},
+            **{f"ensemble over K at {n}": f for n, f in a.per_k.items()}}
+    if a.joint is not None and a.joint.over_n is not None:
+        laws["joint limit over N"] = a.joint.over_n
+    if a.data_law is not None:
+        laws["the standard recipe's data law"] = a.data_law
+    unidentified = [n for n, f in laws.items() if not f.identified]
+    flagged = [f"{n} ({'; '.join(f.flags)})" for n, f in laws.items() if f.identified and f.flags]
+    if unidentified:
+        lines.append("- Laws not identified (no more points than parameters): ordering only for "
+                     + ", ".join(unidentified) + ".")
+    if flagged:
+        lines.append("- Laws fitted but flagged, so their asymptotes are rough: " + "; ".join(flagged) + ".")
+    outside = [f"{n}: {e.multiplier()}" for n, e in a.efficiencies.items() if not e.headline]
+    if outside:
+        lines.append("- Multipliers kept out of the headline (extrapolated past the budgets the data law was fitted "
+                     "on, or no identified law): " + "; ".join(outside) + ".")
+    unshown = [name for name, g in a.gains.items() if name != "kept" and g.interval.defined and g.interval.lo <= 0]
+    if unshown:
+        lines.append("- Effects this study cannot resolve (95% interval includes 0 or is reversed): "
+                     + ", ".join(unshown) + ".")
+    return ["## What this scale cannot answer\n", "\n".join(lines) + "\n"]
+
+
 def render_report(results: dict, a, out: Path, phases: Sequence[str]) -> str:
     """REPORT.md's text from results.json's content and its analysis (bench.study.analyze); writes the plots."""
     p = results["profile"]
@@ -389,6 +434,7 @@ def render_report(results: dict, a, out: Path, phases: Sequence[str]) -> str:
              f"context {p['context']}, batch {p['batch_size']}\n")]
     parts += answers_section(results, a)
     parts += story_section(results, a)
+    parts += limits_section(results, a)
     parts += search_section(results)
     parts += _main_table(results, a, out)
     parts += efficiency_section(results, a, out)

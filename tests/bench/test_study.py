@@ -270,3 +270,20 @@ def test_self_distillation_gain_pairs_each_student_with_its_own_teacher():
     assert g.value == pytest.approx(0.0467, abs=1e-3) and g.interval.lo > 0  # paired: the teachers' spread cancels
     unpaired = np.mean(teachers) - np.mean(students)
     assert g.value == pytest.approx(unpaired)  # same point value, but only pairing gives an interval above 0
+
+
+def test_the_limits_section_lists_every_caveat_and_only_those(tmp_path):
+    from bench.report import limits_section
+
+    results = known_results(np.random.default_rng(2))
+    a = analyze(results, n_boot=50)
+    text = "".join(limits_section(results, a))
+    assert text.startswith("## What this scale cannot answer")
+    assert "Optima not certified" not in text  # control: every optimum of known_results is certified
+    for name, e in a.efficiencies.items():  # exactly the multipliers kept out of the headline are listed
+        assert (f"{name}: {e.multiplier()}" in text) == (not e.headline), name
+    results["search"]["cpu-xs"]["standard"] = {**results["search"]["cpu-xs"]["standard"], "certified": False,
+                                               "reason": "at the limit of the epochs grid"}
+    text = "".join(limits_section(results, analyze(results, n_boot=50)))
+    assert "Optima not certified" in text and "cpu-xs standard (at the limit of the epochs grid)" in text
+    assert "## What this scale cannot answer" in write_report(results, tmp_path, 50).read_text()
