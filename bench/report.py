@@ -388,10 +388,14 @@ def limits_section(results: dict, a) -> list[str]:
     lines = [f"- Scale: {min(params):,}-{max(params):,} non-embedding parameters on {p['tokens']:,} tokens "
              f"(the paper: {PAPER_SCALE}). The orderings are the findings that may carry over; the sizes of "
              "asymptotes and multipliers at this scale are not the paper's numbers."]
-    uncertified = [f"{n} {r} ({o['reason']})" for n, s in search.items() for r in ("standard", "regularized")
+
+    def why(reason: str) -> str:
+        return reason.removeprefix("not certified: ")  # the line's heading says it already
+
+    uncertified = [f"{n} {r} ({why(o['reason'])})" for n, s in search.items() for r in ("standard", "regularized")
                    if (o := s[r]) and not o.get("certified")]
     for preset, per_d in results.get("budgets", {}).items():
-        uncertified += [f"{preset} {r} at D={int(d):,} ({row[r]['reason']})" for d, row in per_d.items()
+        uncertified += [f"{preset} {r} at D={int(d):,} ({why(row[r]['reason'])})" for d, row in per_d.items()
                         for r in ("standard", "regularized") if "certified" in row[r] and not row[r]["certified"]]
     if uncertified:
         lines.append("- Optima not certified (a better setting may lie beyond them): " + "; ".join(uncertified) + ".")
