@@ -318,7 +318,7 @@ def efficiency_section(results: dict, a, out: Path) -> list[str]:
              efficiency_table(a.efficiencies)]
     if a.headline:
         parts.append("\nHeadline (identified law, inside its fitted range): " + "; ".join(
-            f"{name}: {e.multiplier()}" for name, e in a.headline.items()) + f". Paper: {PAPER['efficiency']}.\n")
+            f"{name}: {e.multiplier()}" for name, e in a.headline.items()) + ". Paper: " + ", ".join(f"{v:.2f}x {k}" for k, v in PAPER["efficiency"].items()) + ".\n")
     else:
         parts.append("\nNo multiplier can be quoted as a headline: every one is extrapolated or rests on a law "
                      "that is not identified.\n")
