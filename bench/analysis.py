@@ -49,6 +49,8 @@ from bench.fits import (
     data_efficiency,
     fit_power_law,
     joint_limit_from_fits,
+    local_data_efficiency,
+    resample_seeds,
     small_sample_widening,
 )
 
@@ -194,15 +196,20 @@ def fit_over_k(table: EvaluationTable, recipe: str, x: float, n_boot: int = 200,
     return fit_power_law(curve.ks, curve.loss, boot_y=curve.draws, boot_label=f"member seeds ({curve.members})")
 
 
+def singles_over_x(table: EvaluationTable, recipe: str) -> dict[float, list[float]]:
+    """The recipe's single-member losses at each x (its seeds), x ascending."""
+    out = {x: [loss for s, loss in table.cell(recipe, x).items() if len(s) == 1] for x in table.xs(recipe)}
+    out = {x: v for x, v in out.items() if v}
+    if not out:
+        raise FitError(f"recipe {recipe!r} has no single-member evaluations")
+    return out
+
+
 def fit_over_x(table: EvaluationTable, recipe: str, n_boot: int = 200, seed: int = 0) -> PowerLawFit:
     """The law over x (size N or budget D) of the recipe's single members, each member a seed of its point."""
-    xs, losses = [], []
-    for x in table.xs(recipe):
-        singles = [loss for s, loss in table.cell(recipe, x).items() if len(s) == 1]
-        xs += [x] * len(singles)
-        losses += singles
-    if not xs:
-        raise FitError(f"recipe {recipe!r} has no single-member evaluations")
+    points = singles_over_x(table, recipe)
+    xs = [x for x, v in points.items() for _ in v]
+    losses = [loss for v in points.values() for loss in v]
     return fit_power_law(xs, losses, n_boot=n_boot, seed=zlib.crc32(f"{seed}/{recipe}".encode()))
 
 
@@ -236,4 +243,18 @@ def efficiency_of_asymptote(data_law: PowerLawFit, limit: PowerLawFit | JointLim
     if fit is None or not fit.identified:
         return DataEfficiency(tokens, math.nan, math.nan, math.nan, Interval(math.nan, math.nan),
                               ("the asymptote is not identified: no multiplier",), identified=False)
-    return data_efficiency(data_law, fit.C, tokens, loss_draws=fit.boot_C())
+    return data_efficiency(data_law, fit.C, tokens, loss_draws=fit.boot_C(),
+                           source_flags=[f"asymptote: {f}" for f in limit.flags])
+
+
+def local_efficiency_of_loss(table: EvaluationTable, baseline: str, recipe: str, x: float, k: int, tokens: float,
+                             n_boot: int = 200, seed: int = 0) -> DataEfficiency:
+    """D_eq / D for a measured loss with D_eq interpolated between the baseline recipe's measured budgets (its
+    seed means; bench.fits.local_data_efficiency): no law. The baseline's draws resample its seeds at each
+    budget, the loss's are its cell's member-seed draws."""
+    points = singles_over_x(table, baseline)
+    groups = [np.asarray(v, dtype=float) for v in points.values()]
+    draws = (resample_seeds(groups, n_boot, _rng(seed, "baseline", baseline)) if any(len(g) > 1 for g in groups)
+             else np.full((n_boot, len(groups)), np.nan))
+    loss, loss_draws = loss_with_draws(table, recipe, x, k, n_boot, seed)
+    return local_data_efficiency(list(points), [float(g.mean()) for g in groups], draws, loss, tokens, loss_draws)

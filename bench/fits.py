@@ -26,9 +26,19 @@ resampled curves as `boot_y`. With one value per x the points are resampled inst
 Intervals are `Interval`s: a degenerate one (every resample gives the same value, e.g. noiseless
 input) says so in words; a printed interval never reads [x, x].
 
+Lack of fit: a bootstrap interval measures how far C moves when the seeds are redrawn, assuming the law
+holds; it cannot see a law that does not (a curve that misses its own points by more than seed noise gives
+tight, wrong intervals). So every identified fit tests its residuals against the replicate noise
+(`lack_of_fit`): with seeds at each x, the classical F test of lack of fit against pure error (Draper &
+Smith, Applied Regression Analysis, 3rd ed., sec. 2.1), F = [sum_i r_i (mean_i - L(x_i))^2 / (n_x - 3)] /
+[sum_ij (y_ij - mean_i)^2 / sum_i (r_i - 1)], p from scipy.stats.f; with resampled curves given by the caller
+(member seeds: no independent seeds at each K), a parametric-bootstrap version of it: the fit's residual sum
+of squares against the same law refitted to its own curve plus each draw's noise. p < LACK_OF_FIT_ALPHA
+flags the law, and a flagged law feeds no headline (`DataEfficiency.headline`).
+
 A fit never fails silently: anything that makes its asymptote untrustworthy (too few points, C at a
-bound or above the data, a degenerate exponent) is written into `flags`, and every report prints them
-beside the number. Input that cannot be fitted at all (NaN, x <= 0, mismatched lengths) raises FitError.
+bound or above the data, a degenerate exponent, lack of fit) is written into `flags`, and every report prints
+them beside the number. Input that cannot be fitted at all (NaN, x <= 0, mismatched lengths) raises FitError.
 """
 from __future__ import annotations
 
@@ -37,6 +47,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+from scipy.stats import f as f_distribution
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
@@ -53,6 +64,10 @@ MIN_POINTS_FOR_POINT_BOOTSTRAP = 5
 B_BAND = (0.5, 2.0)
 B_BAND_STEPS = 9
 LEVEL = 0.95
+# A law whose residuals exceed the seed noise at this level is flagged. The usual 5%: each law is tested once,
+# with no correction for the several laws of a study, so a correct law is flagged 1 time in 20; a false flag
+# only withholds a headline number, a missed one prints a number the data contradict.
+LACK_OF_FIT_ALPHA = 0.05
 
 
 class FitError(ValueError):
@@ -201,6 +216,71 @@ def fit_power_law_batch(x, Y, B: float | np.ndarray | None = None) -> tuple[np.n
     return (np.where(good, A, nan), np.where(good, b, nan), np.where(good, C, nan), np.where(good, sse, nan))
 
 
+# ---- lack of fit: the law's residuals against the replicate noise -------------------------------------
+
+@dataclass(frozen=True)
+class LackOfFit:
+    """The test of a law against its replicates: statistic, p-value and how it was computed."""
+
+    statistic: float  # F (seeds at each x) or the residual sum of squares (resampled curves)
+    p: float  # nan: not testable
+    method: str
+    statistic_name: str = "F"
+
+    @property
+    def rejected(self) -> bool:
+        return self.p < LACK_OF_FIT_ALPHA  # False for nan
+
+    def text(self) -> str:
+        if math.isnan(self.p):
+            return self.method
+        return f"{self.method}: {self.statistic_name} = {self.statistic:.3g}, p = {self.p:.2g}"
+
+
+NOT_TESTED = LackOfFit(math.nan, math.nan, "not tested")
+
+
+def _exact(sse: float, y: np.ndarray) -> bool:
+    """A residual sum of squares that is float noise: the law passes through the points."""
+    return sse <= 1e-16 * float(np.sum(y**2))
+
+
+def lack_of_fit_f_test(groups: Sequence[np.ndarray], fitted: np.ndarray) -> LackOfFit:
+    """Lack of fit against pure error: the per-x means' residuals (weighted by their seeds r_i, n_x - 3 df)
+    against the seeds' scatter within each x (sum(r_i - 1) df), an F test (scipy.stats.f)."""
+    reps = np.array([len(g) for g in groups])
+    means = np.array([np.mean(g) for g in groups])
+    df_lof, df_pure = len(groups) - N_PARAMS, int((reps - 1).sum())
+    if df_lof < 1 or df_pure < 1:
+        return LackOfFit(math.nan, math.nan, f"not testable ({df_lof} df of lack of fit, {df_pure} of pure error)")
+    ss_lof = float((reps * (means - fitted) ** 2).sum())
+    ss_pure = float(sum(((np.asarray(g) - np.mean(g)) ** 2).sum() for g in groups))
+    method = f"F test of lack of fit vs seed noise on ({df_lof}, {df_pure}) df"
+    if _exact(ss_lof, means):
+        return LackOfFit(0.0, 1.0, method)
+    if _exact(ss_pure, means):  # seeds agree exactly, the law does not pass through them
+        return LackOfFit(math.inf, 0.0, method)
+    F = (ss_lof / df_lof) / (ss_pure / df_pure)
+    return LackOfFit(F, float(f_distribution.sf(F, df_lof, df_pure)), method)
+
+
+def lack_of_fit_bootstrap(x: np.ndarray, means: np.ndarray, fitted: np.ndarray, boot_y: np.ndarray) -> LackOfFit:
+    """Lack of fit where the noise is given as resampled curves (member seeds), not as seeds at each x: the
+    law's residual sum of squares against its distribution when the law holds exactly, the sums of squares of
+    the law refitted to its own curve plus each draw's noise (boot_y - means, which keeps the noise's
+    correlation across x). p = (1 + #{null >= observed}) / (1 + draws): at 200 draws the smallest is 0.005."""
+    noise = boot_y - means
+    noise = noise[np.all(np.isfinite(noise), axis=1)]
+    if len(noise) < 20:
+        return LackOfFit(math.nan, math.nan, f"not testable ({len(noise)} usable resampled curves)")
+    observed = float(((means - fitted) ** 2).sum())
+    method = f"bootstrap test of lack of fit vs resampled-seed noise ({len(noise)} draws)"
+    if _exact(observed, means):
+        return LackOfFit(observed, 1.0, method, "residual SS")
+    null = fit_power_law_batch(x, fitted + noise)[3]
+    return LackOfFit(observed, float((1 + np.sum(null >= observed)) / (1 + len(null))), method, "residual SS")
+
+
 # ---- one law --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -219,6 +299,7 @@ class PowerLawFit:
     boot_params: np.ndarray = field(default_factory=lambda: np.empty((0, 3)))  # [n_boot, 3] (A, B, C); NaN rows failed
     identified: bool = False  # more distinct x than parameters: an asymptote may be quoted
     C_band_B: tuple[float, float, float, float] = (math.nan,) * 4  # (B_lo, B_hi, C_min, C_max) with B fixed in the band
+    lack_of_fit: LackOfFit = NOT_TESTED  # residuals vs replicate noise; rejected => a flag
 
     @property
     def ok(self) -> bool:
@@ -362,6 +443,16 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], n_boot: int = 200, see
         bootstrap, bx, by = "seeds", xs, resample_seeds(groups, n_boot, np.random.default_rng(seed))
     else:
         bootstrap, bx, by = "points", xs, None
+    fitted = power_law(xs, A, B, C)
+    if boot_y is not None:
+        lack_of_fit = lack_of_fit_bootstrap(xs, means, fitted, boot_y)
+    elif any(r > 1 for r in reps):
+        lack_of_fit = lack_of_fit_f_test(groups, fitted)
+    else:
+        lack_of_fit = LackOfFit(math.nan, math.nan, "not testable: one value per x, no replicates")
+    if lack_of_fit.rejected:
+        flags.append(f"lack of fit: the law misses its points by more than seed noise "
+                     f"({lack_of_fit.text()} < {LACK_OF_FIT_ALPHA})")
     if by is not None:
         bA, bB, bC, _ = fit_power_law_batch(bx, by)
         boot = np.stack([bA, bB, bC], axis=1) if len(by) else np.empty((0, 3))
@@ -382,7 +473,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], n_boot: int = 200, see
     c_std = float(ok_c.std(ddof=1)) if len(ok_c) >= 2 else nan
     return PowerLawFit(A, B, C, c_std, Interval.from_draws(boot[:, 2]), tuple(xs.tolist()), tuple(means.tolist()),
                        reps, converged=True, flags=tuple(flags), bootstrap=bootstrap, boot_params=boot,
-                       identified=True, C_band_B=_b_band(xs, means, B))
+                       identified=True, C_band_B=_b_band(xs, means, B), lack_of_fit=lack_of_fit)
 
 
 # ---- the joint limit: K -> infinity at each N, then N -> infinity ------------------------------
@@ -474,13 +565,17 @@ class DataEfficiency:
     interval: Interval  # percentile interval of the efficiency (the data law's draws paired with the loss's)
     flags: tuple[str, ...]
     equivalent_interval: Interval = Interval(math.nan, math.nan)  # percentile interval of D(L)
-    extrapolated: bool = False  # D(L) lies outside the budgets the data law was fitted on
+    extrapolated: bool = False  # D(L) lies outside the budgets the data law was fitted on (or measured)
     identified: bool = True  # the data law is identified (else there is no multiplier at all)
+    law_flags: tuple[str, ...] = ()  # the flags of every law the number derives from (data law, asymptote)
+    method: str = "law"  # "law": through the fitted data law; "local": interpolated between measured budgets
 
     @property
     def headline(self) -> bool:
-        """A multiplier fit to quote: an identified law, read inside its fitted range, finite."""
-        return self.identified and not self.extrapolated and math.isfinite(self.efficiency)
+        """A multiplier fit to quote: read inside the measured or fitted range, finite, and derived from no
+        flagged law (a law that fails its lack-of-fit test, or has C at a bound, gives no headline number)."""
+        return (self.identified and not self.extrapolated and math.isfinite(self.efficiency)
+                and not self.law_flags)
 
     def multiplier(self) -> str:
         """'2.29x [1.80, 2.95]' as every table and legend prints it; 'n/a' without an identified law."""
@@ -494,23 +589,26 @@ class DataEfficiency:
 
 
 def data_efficiency(standard_data_law: PowerLawFit, loss: float, tokens: float,
-                    loss_draws: Sequence[float] | None = None) -> DataEfficiency:
+                    loss_draws: Sequence[float] | None = None, source_flags: Sequence[str] = ()) -> DataEfficiency:
     """How many times more data the standard recipe needs to reach `loss`: D(L) / D.
 
     `standard_data_law` is the standard recipe's best loss fitted over budgets D (same unit as `tokens`).
     `loss_draws` are bootstrap draws of `loss` (one per draw of the law, from the same resampling, so draw b
     of both comes from one simulated study): the interval then carries the loss's uncertainty as well as the
     law's. Without them only the law's is carried, and a flag says so. A D(L) outside the budgets the law
-    was fitted on is flagged extrapolated and kept out of headlines (`headline`).
+    was fitted on is flagged extrapolated and kept out of headlines (`headline`), and so is one derived from a
+    flagged law: the data law's flags and `source_flags` (those of the law whose asymptote `loss` is).
     """
     if not (math.isfinite(loss) and math.isfinite(tokens) and tokens > 0):
         raise FitError(f"need a finite loss and a positive budget (got loss={loss}, tokens={tokens})")
     law = standard_data_law
-    flags = [f"data law: {f}" for f in law.flags]
+    law_flags = (*(f"data law: {f}" for f in law.flags), *source_flags)
+    flags = list(law_flags)
     nan_interval = Interval(math.nan, math.nan)
     if not law.identified:
         flags.append("the standard recipe's data law is not identified: no multiplier")
-        return DataEfficiency(tokens, loss, math.nan, math.nan, nan_interval, tuple(flags), identified=False)
+        return DataEfficiency(tokens, loss, math.nan, math.nan, nan_interval, tuple(flags), identified=False,
+                              law_flags=law_flags)
     d_eq = tokens_for_loss(law, loss)
     lo_x, hi_x = min(law.x), max(law.x)
     extrapolated = not (lo_x <= d_eq <= hi_x)
@@ -534,9 +632,49 @@ def data_efficiency(standard_data_law: PowerLawFit, loss: float, tokens: float,
                            "pass one draw of the loss per resample of the law")
     d_boot = tokens_for_loss((boot[:, 0], boot[:, 1], boot[:, 2]), draws) if len(boot) else np.empty(0)
     return DataEfficiency(tokens, loss, d_eq, d_eq / tokens, Interval.from_draws(np.asarray(d_boot) / tokens),
-                          tuple(flags), Interval.from_draws(d_boot), extrapolated, True)
+                          tuple(flags), Interval.from_draws(d_boot), extrapolated, True, law_flags)
+
+
+def equal_loss_tokens(budgets: Sequence[float], losses: Sequence[float], loss: float) -> float:
+    """The smallest budget at which the measured baseline (mean loss at each budget, budgets ascending) reaches
+    `loss`, with log D read linearly in loss between the two bracketing budgets: no law, only the measurements.
+    0 when the smallest budget already does better, inf when no measured budget reaches it."""
+    log_d = np.log(np.asarray(budgets, dtype=float))
+    L = np.asarray(losses, dtype=float)
+    if loss >= L[0]:
+        return 0.0 if loss > L[0] else float(budgets[0])
+    for i in range(len(L) - 1):  # the first crossing: a non-monotone baseline reached the loss there first
+        if L[i] > loss >= L[i + 1]:
+            return float(np.exp(log_d[i] + (L[i] - loss) / (L[i] - L[i + 1]) * (log_d[i + 1] - log_d[i])))
+    return math.inf
+
+
+def local_data_efficiency(budgets: Sequence[float], baseline_losses: Sequence[float], baseline_draws: np.ndarray,
+                          loss: float, tokens: float, loss_draws: Sequence[float]) -> DataEfficiency:
+    """D_eq / D with D_eq the equal-loss budget interpolated between the baseline's measured budgets
+    (`equal_loss_tokens`): the multiplier without a law, so a law that fails its lack-of-fit test does not
+    touch it. Outside the measured losses it is not quoted (no multiplier, `extrapolated`). The interval pairs
+    draw b of the baseline's means [n_boot, budgets] with draw b of the loss; a draw outside the measured
+    range counts as 0 or inf, so an interval that reaches past the measurements shows it."""
+    if len(loss_draws) != len(baseline_draws):
+        raise FitError(f"{len(loss_draws)} draws of the loss for {len(baseline_draws)} of the baseline: pair them")
+    d_eq = equal_loss_tokens(budgets, baseline_losses, loss)
+    flags = []
+    if np.any(np.diff(baseline_losses) >= 0):
+        flags.append("the baseline's loss does not fall at every budget: D_eq is its first crossing")
+    outside = d_eq == 0 or math.isinf(d_eq)
+    if outside:
+        where = (f"above the baseline's loss {baseline_losses[0]:.4g} at its smallest budget" if d_eq == 0 else
+                 f"below every measured baseline loss (lowest {min(baseline_losses):.4g})")
+        flags.append(f"outside the measured budgets: loss {loss:.4g} is {where}; not quoted")
+        return DataEfficiency(tokens, loss, math.nan, math.nan, Interval(math.nan, math.nan), tuple(flags),
+                              extrapolated=True, method="local")
+    d_boot = np.array([equal_loss_tokens(budgets, curve, draw) if np.all(np.isfinite(curve)) else math.nan
+                       for curve, draw in zip(np.asarray(baseline_draws), np.asarray(loss_draws, dtype=float))])
+    return DataEfficiency(tokens, loss, d_eq, d_eq / tokens, Interval.from_draws(d_boot / tokens), tuple(flags),
+                          Interval.from_draws(d_boot), method="local")
 
 
 def headline_efficiencies(efficiencies: Mapping[str, DataEfficiency]) -> dict[str, DataEfficiency]:
-    """The multipliers a headline may quote: identified law, inside its fitted range."""
+    """The multipliers a headline may quote: inside the fitted or measured range, and from no flagged law."""
     return {name: e for name, e in efficiencies.items() if e.headline}

@@ -663,17 +663,27 @@ def evaluation_rows(results: dict) -> list[dict]:
     return rows
 
 
-def best_per_budget(results: dict) -> dict[int, dict[str, tuple[str, list[float]]]]:
-    """Per budget D and recipe: the size with the lowest seed mean, and its seeds' losses."""
+def budget_candidates(results: dict) -> dict[int, dict[str, dict[str, list[float]]]]:
+    """Per budget D and recipe: every size measured there -> its seeds' losses. At the main budget every size's
+    members count too, so the standard baseline there is the best over all sizes, not the budget phase's one."""
     out: dict[int, dict] = {}
     for preset, per_d in results.get("budgets", {}).items():
         for d, row in per_d.items():
             for recipe in ("standard", "regularized"):
-                losses = row[recipe]["seeds"]
-                best = out.setdefault(int(d), {}).get(recipe)
-                if best is None or np.mean(losses) < np.mean(best[1]):
-                    out[int(d)][recipe] = (preset, losses)
+                out.setdefault(int(d), {}).setdefault(recipe, {})[preset] = row[recipe]["seeds"]
+    if out:  # the main budget joins the data law only where the study measured a data law
+        main = out.setdefault(int(results["profile"]["tokens"]), {})
+        for preset, m in results.get("members", {}).items():
+            for recipe in ("standard", "regularized"):
+                if m.get(recipe):
+                    main.setdefault(recipe, {}).setdefault(preset, [r["val_loss"] for r in m[recipe]])
     return dict(sorted(out.items()))
+
+
+def best_per_budget(results: dict) -> dict[int, dict[str, tuple[str, list[float]]]]:
+    """Per budget D and recipe: the size with the lowest seed mean (over `budget_candidates`), its seeds' losses."""
+    return {d: {recipe: min(sizes.items(), key=lambda kv: np.mean(kv[1])) for recipe, sizes in per_r.items()}
+            for d, per_r in budget_candidates(results).items()}
 
 
 @dataclass
@@ -691,6 +701,7 @@ class Analysis:
     headline: dict  # the efficiencies a headline may quote (bench.fits.headline_efficiencies)
     gains: dict  # name -> Gain: each recipe's gain with its member-seed interval, at the largest N
     gains_per_n: dict  # preset -> {name: Gain} (regularization and ensemble gains at every N)
+    local_efficiencies: dict = dataclasses.field(default_factory=dict)  # name -> DataEfficiency between budgets
 
 
 @dataclass(frozen=True)
@@ -753,10 +764,17 @@ def story_gains(table, k_max: int, top_x: float, distill_x: float | None, n_boot
             ds = seed_mean_draws(students, n_boot, rng, (members,))
             s = float(np.mean(students))
             gains["student"] = Gain(m1 - s, Interval.from_draws(d1 - ds), f"members' mean - {len(students)} students")
-            with np.errstate(divide="ignore", invalid="ignore"):
-                kept = (d1 - ds) / (d1 - dk)
-            gains["kept"] = Gain((m1 - s) / (m1 - mk) if m1 != mk else math.nan, Interval.from_draws(kept),
-                                 "(members' mean - student) / (members' mean - ensemble)")
+            # the kept share is measured from the best single model of the student's size (the regularized
+            # recipe's seeds), not from the joint-recipe members, which are overfit by design (2x epochs)
+            best = singles("regularized", distill_x)
+            if len(best) > 1:
+                b, db = float(np.mean(best)), seed_mean_draws(best, n_boot, rng, (students,))
+                gains["ensemble_over_best"] = Gain(b - mk, Interval.from_draws(db - dk),
+                                                   f"best single (regularized seeds' mean) - K={k_max} ensemble")
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    kept = (db - ds) / (db - dk)
+                gains["kept"] = Gain((b - s) / (b - mk) if b != mk else math.nan, Interval.from_draws(kept),
+                                     "(best single - student) / (best single - ensemble)")
             control = singles("control", distill_x)
             if len(control) > 1 and len(students) > 1:
                 gains["synthetic"] = Gain(float(np.mean(control)) - s,
@@ -780,6 +798,7 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
         fit_joint,
         fit_over_k,
         fit_over_x,
+        local_efficiency_of_loss,
     )
     from bench.fits import headline_efficiencies
 
@@ -797,24 +816,28 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
         per_k = {preset: fit_over_k(table, "ensemble", search[preset]["params"] / n_scale, n_boot)
                  for preset in results.get("ensembles", {})}
         joint = fit_joint(table, "ensemble", n_boot)
-    data_law, effs = None, {}
+    data_law, effs, local = None, {}, {}
     main_d = p["tokens"] / d_scale
     top = [q for q in p["presets"] if q in results.get("members", {})]
     if "data:standard" in recipes:
         data_law = fit_over_x(table, "data:standard", n_boot)
         for d, best in best_per_budget(results).items():
             if "regularized" in best:
-                effs[f"regularized, best N ({best['regularized'][0]}), D={d:,}"] = efficiency_of_loss(
-                    data_law, table, "data:regularized", d / d_scale, 1, d / d_scale, n_boot)
+                name = f"regularized, best N ({best['regularized'][0]}), D={d:,}"
+                effs[name] = efficiency_of_loss(data_law, table, "data:regularized", d / d_scale, 1, d / d_scale, n_boot)
+                local[name] = local_efficiency_of_loss(table, "data:standard", "data:regularized", d / d_scale, 1,
+                                                       d / d_scale, n_boot)
         if top and "ensemble" in recipes:
             x = search[top[-1]]["params"] / n_scale
-            effs[f"ensemble K={p['k_max']} ({top[-1]}), D={p['tokens']:,}"] = efficiency_of_loss(
-                data_law, table, "ensemble", x, p["k_max"], main_d, n_boot)
+            name = f"ensemble K={p['k_max']} ({top[-1]}), D={p['tokens']:,}"
+            effs[name] = efficiency_of_loss(data_law, table, "ensemble", x, p["k_max"], main_d, n_boot)
+            local[name] = local_efficiency_of_loss(table, "data:standard", "ensemble", x, p["k_max"], main_d, n_boot)
         distilled = results.get("distill", {})
         if distilled.get("ensemble"):
             x = search[distilled["preset"]]["params"] / n_scale
-            effs[f"student ({distilled['preset']}), D={p['tokens']:,}"] = efficiency_of_loss(
-                data_law, table, "student:ensemble", x, 1, main_d, n_boot)
+            name = f"student ({distilled['preset']}), D={p['tokens']:,}"
+            effs[name] = efficiency_of_loss(data_law, table, "student:ensemble", x, 1, main_d, n_boot)
+            local[name] = local_efficiency_of_loss(table, "data:standard", "student:ensemble", x, 1, main_d, n_boot)
         if "regularized" in size_laws:
             effs["regularized, N -> inf (asymptote)"] = efficiency_of_asymptote(data_law, size_laws["regularized"], main_d)
         if joint is not None:
@@ -825,7 +848,7 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
     gains = story_gains(table, p["k_max"], top_x, distill_x, n_boot) if top else {}
     per_n = {q: story_gains(table, p["k_max"], search[q]["params"] / n_scale, None, n_boot) for q in top}
     return Analysis(table, n_unit, d_unit, size_laws, per_k, joint, data_law, effs, headline_efficiencies(effs), gains,
-                    per_n)
+                    per_n, local)
 
 
 def write_report(results: dict, out: str | Path, n_boot: int = 200) -> Path:

@@ -15,6 +15,7 @@ from bench.analysis import (
     fit_over_k,
     fit_over_x,
     k_curve,
+    local_efficiency_of_loss,
     member_effects,
 )
 from bench.fits import FitError, data_efficiency
@@ -56,7 +57,13 @@ def test_member_effects_recover_the_additive_model():
     mu, alpha = member_effects(cell)
     for subset, loss in cell.items():
         assert mu[len(subset)] + np.mean([alpha[s] for s in subset]) == pytest.approx(loss, abs=1e-9)
-    assert mu[1] == pytest.approx(mu[1]) and sum(alpha.values()) == pytest.approx(0, abs=1e-12)
+    assert sum(alpha.values()) == pytest.approx(0, abs=1e-12)
+    # with every K-subset present and the effects centred, mu_K is the mean loss of the K-subsets, which follows
+    # the law the cell was built from up to the members' mean effect (the same at every K)
+    for k in range(1, 6):
+        mean_k = np.mean([loss for subset, loss in cell.items() if len(subset) == k])
+        assert mu[k] == pytest.approx(mean_k, abs=1e-9)
+        assert mu[k] - mu[5] == pytest.approx(0.3 / k - 0.3 / 5, abs=1e-9)
 
 
 def test_k_curve_is_the_mean_over_subsets_and_its_draws_move_with_the_members():
@@ -147,3 +154,42 @@ def test_multipliers_carry_both_uncertainties_and_are_flagged_outside_the_range(
     few = EvaluationTable(cell_rows(np.random.default_rng(5), "reg", 1.0, 3, 0.3, 1.0, 3.2))
     none = efficiency_of_asymptote(law, fit_over_k(few, "reg", 1.0, n_boot=100), tokens=0.25)
     assert not none.identified and none.multiplier() == "n/a"
+
+
+def test_a_multiplier_of_a_flagged_asymptote_is_kept_out_of_the_headline():
+    """The joint limit's multiplier derives from the joint law too: flag that law (a size whose K-limit is off
+    the power law in N) and the multiplier leaves the headline; the control, the same table unflagged, is read
+    inside the data law's range."""
+    table = study_table(np.random.default_rng(4))
+    law = fit_over_x(table, "std-data", n_boot=100)
+    joint = fit_joint(table, "reg", n_boot=100)
+    tokens = 0.25  # any budget: only the flags matter here
+    clean = efficiency_of_asymptote(law, joint, tokens)
+    rng = np.random.default_rng(4)
+    rows = [row for n in (0.5, 1.0, 2.0, 4.0, 8.0)
+            for row in cell_rows(rng, "reg", n, 5, 0.3, 1.0, 0.4 / n**0.5 + 3.0 + 0.2 * (n == 2.0), member_sd=0.01,
+                                 subset_sd=0.001)]
+    kinked = fit_joint(EvaluationTable(rows), "reg", n_boot=100)
+    assert not any("lack of fit" in f for f in joint.flags)
+    assert any("over N: lack of fit" in f for f in kinked.flags)
+    flagged = efficiency_of_asymptote(law, kinked, tokens)
+    assert any(f.startswith("asymptote: over N: lack of fit") for f in flagged.law_flags) and not flagged.headline
+    assert clean.law_flags == tuple(f"data law: {f}" for f in law.flags)
+
+
+def test_local_multiplier_from_a_table_matches_the_interpolation_of_its_seed_means():
+    """The baseline's seed means at each budget, interpolated in log D: a recipe that reaches the baseline's
+    own loss at D = 1 with a quarter of the tokens is 4x data efficient exactly, with no law involved."""
+    rows = []
+    for d, mean in ((0.25, 4.0), (0.5, 3.8), (1.0, 3.6), (2.0, 3.5)):
+        rows += [{"recipe": "base", "x": d, "seeds": [s], "loss": mean + e} for s, e in enumerate((-0.01, 0, 0.01))]
+    rows += [{"recipe": "new", "x": 0.25, "seeds": [s], "loss": 3.6 + e} for s, e in enumerate((-0.01, 0, 0.01))]
+    rows += [{"recipe": "new", "x": 0.25, "seeds": [0, 1, 2], "loss": 3.55}]
+    table = EvaluationTable(rows)
+    single = local_efficiency_of_loss(table, "base", "new", 0.25, 1, tokens=0.25, n_boot=200)
+    assert single.efficiency == pytest.approx(4.0, rel=1e-9) and single.headline
+    lo, hi = single.interval
+    assert lo < 4.0 < hi
+    # control: the K=3 ensemble's loss 3.55 is half way (in loss) from D = 1 to D = 2, so 2^0.5 x 4
+    ensemble = local_efficiency_of_loss(table, "base", "new", 0.25, 3, tokens=0.25, n_boot=200)
+    assert ensemble.efficiency == pytest.approx(4 * 2**0.5, rel=1e-9)

@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 
 from bench.fits import (
+    LACK_OF_FIT_ALPHA,
     FitError,
     Interval,
     data_efficiency,
+    equal_loss_tokens,
     fit_joint_limit,
     fit_power_law,
     fit_power_law_batch,
     headline_efficiencies,
+    local_data_efficiency,
     resample_seeds,
     tokens_for_loss,
 )
@@ -123,7 +126,7 @@ def test_data_efficiency_inverts_the_data_law():
     eff = data_efficiency(law, loss, tokens=0.2)
     assert eff.equivalent_tokens == pytest.approx(0.9, rel=1e-3)
     assert eff.efficiency == pytest.approx(4.5, rel=1e-3)
-    assert not eff.extrapolated and eff.headline
+    assert not eff.extrapolated and eff.headline == law.ok  # a flagged law (here a rough bootstrap) gives no headline
     own = [f for f in eff.flags if not f.startswith("data law:")]
     assert own == ["interval from the data law's resamples only (no draws of the loss were given)"]
     assert tokens_for_loss((A, B, C), A / 1.6**B + C) == pytest.approx(1.6)
@@ -229,3 +232,108 @@ def test_pooled_seed_resample_has_the_unbiased_variance():
     draws = resample_seeds(groups, 400, rng) - np.array([g.mean() for g in groups])
     # variance s^2 / r, widened by t/z at 400 degrees of freedom (~1.003)
     assert draws.var() == pytest.approx(1.0 / 3, rel=0.05)
+
+
+# ---- lack of fit ----------------------------------------------------------------------------------
+
+SIZES = np.array([0.25, 0.5, 1, 2, 4, 8])
+
+
+def _flagged_lack_of_fit(fit) -> bool:
+    return any(f.startswith("lack of fit") for f in fit.flags)
+
+
+def _lack_of_fit_rate(curve, n_rep: int = 60, sd: float = 0.01) -> int:
+    """How many of n_rep studies (6 sizes x 3 seeds, normal seed noise sd around `curve`) flag lack of fit."""
+    rng = np.random.default_rng(11)
+    x = np.repeat(SIZES, 3)
+    return sum(_flagged_lack_of_fit(fit_power_law(x, curve(x) + rng.normal(0, sd, len(x)), n_boot=10))
+               for _ in range(n_rep))
+
+
+def test_lack_of_fit_fires_on_a_misspecified_law():
+    """The truth has a step (a budget that added one long document): no power law follows it to within seed noise
+    (residuals ~0.03 against sd 0.01), and the F test says so in nearly every simulated study."""
+    step = lambda x: 0.3 / x**0.5 + 3.3 - 0.06 * (x >= 2)
+    assert _lack_of_fit_rate(step) >= 55
+    fit = fit_power_law(np.repeat(SIZES, 3), step(np.repeat(SIZES, 3)) + np.tile([0.01, 0.0, -0.01], 6), n_boot=10)
+    assert fit.lack_of_fit.p < LACK_OF_FIT_ALPHA and not fit.ok
+    assert "F test of lack of fit vs seed noise on (3, 12) df" in fit.lack_of_fit.text()
+
+
+def test_negative_control_lack_of_fit_stays_quiet_on_the_true_law():
+    """The same design on a true power law: flagged about 5% of the time (the test's level), never most."""
+    assert _lack_of_fit_rate(lambda x: 0.3 / x**0.5 + 3.3) <= 8
+
+
+def test_lack_of_fit_from_resampled_curves_fires_on_a_misspecified_k_curve():
+    """A K-curve given with member-seed draws (no seeds at each K): the bootstrap version of the test. The draws
+    share one member effect across K (correlated noise); a kink at K = 3 is caught, the true law is not."""
+    rng = np.random.default_rng(12)
+    ks = np.arange(1, 7.0)
+    shift = rng.normal(0, 0.01, (200, 1))  # the resampled members' mean effect moves every K together
+    draws = lambda curve: curve + shift + rng.normal(0, 0.002, (200, len(ks)))
+    true = 0.4 / ks + 3.2
+    kinked = true + 0.02 * (ks == 3)
+    bad = fit_power_law(ks, kinked, boot_y=draws(kinked))
+    good = fit_power_law(ks, true + rng.normal(0, 0.002, len(ks)), boot_y=draws(true))
+    assert _flagged_lack_of_fit(bad) and bad.lack_of_fit.p < LACK_OF_FIT_ALPHA
+    assert not _flagged_lack_of_fit(good) and good.lack_of_fit.p > LACK_OF_FIT_ALPHA
+    assert "bootstrap test of lack of fit" in bad.lack_of_fit.text()
+
+
+def test_a_multiplier_from_a_flagged_law_is_kept_out_of_the_headline():
+    """The same loss and budget read on two data laws: the one that fails its lack-of-fit test gives no headline
+    number; the control, a law that passes, is quoted."""
+    d = np.repeat([0.2, 0.4, 0.8, 1.6, 3.2], 3)
+    noise = np.tile([0.004, 0.0, -0.004], 5)
+    law = lambda x: 2.0 / x**0.25 + 3.0
+    good = fit_power_law(d, law(d) + noise, n_boot=50)
+    bad = fit_power_law(d, law(d) + noise + 0.05 * (d == 0.8), n_boot=50)  # one budget off the law
+    assert good.ok and _flagged_lack_of_fit(bad)
+    quoted, withheld = (data_efficiency(f, law(1.0), tokens=0.2) for f in (good, bad))
+    assert quoted.headline and not withheld.headline
+    assert not withheld.extrapolated and withheld.identified  # withheld for the flag alone
+    assert any(f.startswith("data law: lack of fit") for f in withheld.law_flags)
+    assert list(headline_efficiencies({"good": quoted, "bad": withheld})) == ["good"]
+    # a flag on the law behind the loss (an asymptote) withholds it the same way
+    assert not data_efficiency(good, law(1.0), 0.2, source_flags=["asymptote: lack of fit"]).headline
+
+
+# ---- local multipliers: interpolated between measured budgets -----------------------------------------
+
+def test_local_multiplier_is_exact_where_the_baseline_is_log_linear():
+    """A baseline that is exactly linear in log D between its budgets: the equal-loss budget is known in closed
+    form. Loss 4.25 lies 3/4 of the way from D = 1 (4.4) to D = 2 (4.2): D_eq = 2^0.75."""
+    budgets, baseline = [0.5, 1.0, 2.0, 4.0], [4.6, 4.4, 4.2, 4.0]
+    assert equal_loss_tokens(budgets, baseline, 4.25) == pytest.approx(2**0.75, rel=1e-12)
+    assert equal_loss_tokens(budgets, baseline, 4.4) == pytest.approx(1.0)
+    draws = np.tile(baseline, (50, 1))
+    eff = local_data_efficiency(budgets, baseline, draws, 4.25, tokens=0.5, loss_draws=np.full(50, 4.25))
+    assert eff.efficiency == pytest.approx(2**0.75 / 0.5, rel=1e-12) and eff.headline and eff.method == "local"
+    # control: a loss off the grid's own points moves D_eq (the interpolation is not just the nearest budget)
+    assert equal_loss_tokens(budgets, baseline, 4.35) == pytest.approx(2**0.25, rel=1e-12)
+
+
+def test_local_multiplier_outside_the_measured_budgets_is_not_quoted():
+    budgets, baseline = [0.5, 1.0, 2.0, 4.0], [4.6, 4.4, 4.2, 4.0]
+    draws = np.tile(baseline, (50, 1))
+    for loss, where in ((3.9, "below every measured baseline loss"), (4.7, "above the baseline's loss")):
+        eff = local_data_efficiency(budgets, baseline, draws, loss, tokens=0.5, loss_draws=np.full(50, loss))
+        assert not eff.headline and eff.multiplier() == "n/a" and any(where in f for f in eff.flags)
+    inside = local_data_efficiency(budgets, baseline, draws, 4.1, tokens=0.5, loss_draws=np.full(50, 4.1))
+    assert inside.headline  # control
+
+
+def test_local_multiplier_interval_carries_both_noises_and_takes_the_first_crossing():
+    rng = np.random.default_rng(13)
+    budgets, baseline = np.array([0.5, 1.0, 2.0, 4.0]), np.array([4.6, 4.4, 4.2, 4.0])
+    draws = baseline + rng.normal(0, 0.01, (400, 4))
+    eff = local_data_efficiency(budgets, baseline, draws, 4.25, 0.5, 4.25 + rng.normal(0, 0.01, 400))
+    lo, hi = eff.interval
+    assert lo < eff.efficiency < hi and 0.05 < np.log(hi / lo) < 0.5
+    # a baseline that rises between budgets: the equal-loss budget is where it first reached the loss
+    bumpy = [4.6, 4.3, 4.45, 4.0]
+    assert equal_loss_tokens(budgets, bumpy, 4.35) == pytest.approx(0.5 * 2 ** (0.25 / 0.3), rel=1e-12)
+    assert any("first crossing" in f for f in local_data_efficiency(budgets, bumpy, draws, 4.35, 0.5,
+                                                                    np.full(400, 4.35)).flags)
