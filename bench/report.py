@@ -16,7 +16,7 @@ matplotlib.use("Agg")  # files only, no display: reports are written on headless
 import matplotlib.pyplot as plt
 import numpy as np
 
-from bench.fits import DataEfficiency, JointLimitFit, PowerLawFit
+from bench.fits import LACK_OF_FIT_ALPHA, DataEfficiency, Interval, JointLimitFit, PowerLawFit
 from train.artifacts import atomic_write_text, publish_file
 
 
@@ -42,6 +42,14 @@ def _flags(flags: Sequence[str]) -> str:
     return "; ".join(flags) if flags else "ok"
 
 
+def _lack_of_fit_p(fit: PowerLawFit) -> str:
+    """'0.0048 (F)': the law's lack-of-fit p-value and its test; 'not testable' where there are no replicates."""
+    lof = fit.lack_of_fit
+    if math.isnan(lof.p):
+        return "not testable"
+    return f"{lof.p:.2g} ({'F' if lof.statistic_name == 'F' else 'bootstrap'})"
+
+
 def fit_table(fits: Mapping[str, PowerLawFit], x_name: str = "x") -> str:
     """One row per fitted law L = A / x^B + C: parameters, C with bootstrap spread and percentile interval, the
     range of C with B fixed over B_hat x [0.5, 2], flags. A law that is not identified shows its ordering only."""
@@ -49,12 +57,12 @@ def fit_table(fits: Mapping[str, PowerLawFit], x_name: str = "x") -> str:
     for name, fit in fits.items():
         if fit.identified:
             rows.append([name, fit.A, fit.B, fit.asymptote(), fit.C_interval.text(), fit.B_band(), len(fit.x),
-                         fit.bootstrap, _flags(fit.flags)])
+                         fit.bootstrap, _lack_of_fit_p(fit), _flags(fit.flags)])
         else:
             rows.append([name, "", "", fit.asymptote(), f"ordering only: {fit.ordering()}", "", len(fit.x),
-                         fit.bootstrap, _flags(fit.flags)])
+                         fit.bootstrap, "", _flags(fit.flags)])
     headers = ["", "A", "B", "C ± bootstrap std", "C 95% interval", "C with B fixed (sensitivity)",
-               f"points ({x_name})", "bootstrap over", "flags"]
+               f"points ({x_name})", "bootstrap over", f"lack of fit p (flag < {LACK_OF_FIT_ALPHA:g})", "flags"]
     return markdown_table(headers, rows)
 
 
@@ -69,11 +77,12 @@ def joint_limit_table(joint: JointLimitFit, n_name: str = "N") -> str:
 
 def efficiency_table(efficiencies: Mapping[str, DataEfficiency]) -> str:
     """Multipliers with their percentile intervals; 'quote' says whether one may be quoted (inside the data
-    law's fitted range, law identified) or must stay out of a headline."""
+    law's fitted range or the measured budgets, no flagged law behind it) or must stay out of a headline."""
     rows = []
     for name, e in efficiencies.items():
         eff = f"{e.efficiency:.2f}x" if e.identified and not math.isnan(e.efficiency) else "n/a"
-        quote = "yes" if e.headline else ("extrapolated" if e.extrapolated and e.identified else "no")
+        quote = ("yes" if e.headline else "no: outside the measured budgets" if e.extrapolated and e.method == "local"
+                 else "extrapolated" if e.extrapolated and e.identified else "no: law flagged" if e.law_flags else "no")
         rows.append([name, e.tokens, e.loss, e.equivalent_tokens, eff, e.interval.text(2) if e.identified else "n/a",
                      quote, _flags(e.flags)])
     headers = ["recipe", "tokens D", "loss L", "standard recipe's D(L)", "efficiency D(L)/D", "95% interval",
@@ -219,26 +228,183 @@ def story_section(results: dict, a) -> list[str]:
                       ("synthetic", "Synthetic tokens beat the same steps on real data")):
         if key in g:
             lo, hi = g[key].interval
-            shown = "shown" if lo > 0 else ("NOT shown: the interval includes 0" if hi > 0 else "REVERSED")
+            shown = "shown" if lo > 0 else ("NOT shown: the interval includes 0" if hi >= 0 else
+                                            "CONTRADICTED: reversed, the interval excludes 0")
             verdicts.append(f"- {what}: {shown} ({gain_text(g[key])}).")
-    if "kept" in g and not (g["teacher"].value > 0 and g["teacher"].interval.lo > 0):
-        verdicts.append("- The ensemble shows no gain over its members here, so there is no share of it for the "
+    over_best = g.get("ensemble_over_best")  # the kept share is measured from the best single model of its size
+    if "kept" in g and not (over_best and over_best.value > 0 and over_best.interval.lo > 0):
+        verdicts.append("- The ensemble shows no gain over the best single model of the student's size here "
+                        f"({gain_text(over_best) if over_best else 'n/a'}), so there is no share of it for the "
                         "student to keep.")
     elif "kept" in g:
         k = g["kept"]
         lo, hi = k.interval
-        verdicts.append(f"- The student keeps {percent(k.value)} of the ensemble's gain (95% interval "
+        verdicts.append(f"- The student keeps {percent(k.value)} of the ensemble's gain over the best single model "
+                        f"of its size (the regularized recipe's seeds; 95% interval "
                         f"{'n/a' if not k.interval.defined else f'{percent(lo)} to {percent(hi)}'}; the paper: 83%"
                         f"{'' if k.value <= 1 else '; above 100%: the student beats the ensemble itself'}).")
     return out + ["\n".join(verdicts) + "\n"]
+
+
+def baseline_sizes_text(results: dict) -> str:
+    """Which sizes the standard baseline at each budget is the best of (bench.study.budget_candidates)."""
+    from bench.study import budget_candidates
+
+    per_d = [f"D={d:,}: best of {len(c.get('standard', {}))} ({', '.join(c.get('standard', {}))})"
+             for d, c in budget_candidates(results).items()]
+    return "The standard baseline at each budget is its best seed mean over the sizes measured there: " + "; ".join(per_d) + "."
+
+
+def _law_problem(laws: Mapping[str, PowerLawFit | JointLimitFit | None]) -> str | None:
+    """Why a number derived from these laws cannot be quoted ('law flagged: ... lack of fit p = ...'), or None."""
+    for name, law in laws.items():
+        fit = law.over_n if isinstance(law, JointLimitFit) else law
+        if fit is None or not fit.identified:
+            return f"{name} not identified"
+        if fit.lack_of_fit.rejected:
+            return f"law flagged: {name}, lack of fit p = {fit.lack_of_fit.p:.2g}"
+        flags = law.flags
+        if flags:
+            return f"law flagged: {name}, {flags[0]}"
+    return None
+
+
+def _sign_verdict(interval: Interval, positive_supports: bool = True, threshold: float = 0.0) -> str:
+    """supported / contradicted / cannot be resolved, from where a 95% interval lies against the threshold."""
+    if not interval.defined:
+        return "cannot be resolved at this scale: no interval"
+    lo, hi = (interval.lo - threshold, interval.hi - threshold)
+    if (lo > 0) if positive_supports else (hi < 0):
+        return "supported"
+    if (hi < 0) if positive_supports else (lo > 0):
+        return "contradicted (the 95% interval excludes the paper's direction)"
+    return f"cannot be resolved at this scale: the 95% interval includes {threshold:g}"
+
+
+def _difference(a, b, digits: int = 3) -> tuple[str, Interval]:
+    """C_a - C_b with the interval of paired bootstrap draws (independent cells: draw b of each)."""
+    da, db = a.over_n.boot_C() if isinstance(a, JointLimitFit) else a.boot_C(), b.boot_C()
+    n = min(len(da), len(db))
+    interval = Interval.from_draws(da[:n] - db[:n])
+    return f"{a.C - b.C:+.{digits}f} nats, 95% interval {interval.text(digits)}", interval
+
+
+def _downstream_gain(results: dict) -> tuple[str, Interval] | None:
+    """Mean accuracy over the tasks: the ensemble's minus the regularized single model's, +-1.96 standard errors
+    (per-task errors combined as independent: the models answer the same items, so this is conservative)."""
+    models = results.get("downstream", {}).get("models", {})
+    ens = next((m for n, m in models.items() if n.startswith("ensemble")), None)
+    reg = next((m for n, m in models.items() if n.startswith("regularized")), None)
+    if not ens or not reg:
+        return None
+    tasks = sorted(set(ens) & set(reg))
+    diff = float(np.mean([ens[t]["acc"] - reg[t]["acc"] for t in tasks]))
+    se = math.sqrt(sum(ens[t]["acc_stderr"] ** 2 + reg[t]["acc_stderr"] ** 2 for t in tasks)) / len(tasks)
+    interval = Interval(diff - 1.96 * se, diff + 1.96 * se, len(tasks), len(tasks))
+    return f"{100 * diff:+.1f} points over {len(tasks)} tasks, 95% interval [{100 * interval.lo:+.1f}, {100 * interval.hi:+.1f}]", interval
+
+
+def claims_section(results: dict, a) -> list[str]:
+    """The paper's claims, one line each: its number, ours with a 95% interval, and a verdict computed from the
+    analysis (supported, contradicted, or cannot be resolved at this scale, with the reason). A number derived
+    from a flagged law is withheld: the verdict names the flag."""
+    p, search = results["profile"], results.get("search", {})
+    top = [q for q in p["presets"] if q in results.get("members", {})]
+    if not top:
+        return []
+    rows = []
+    withheld = "withheld (see the laws' table)"
+
+    certified = [q for q in top if search[q]["standard"].get("certified") and search[q]["regularized"].get("certified")
+                 and "regularization" in a.gains_per_n.get(q, {})]
+    if certified:
+        q = certified[-1]
+        g, wd = a.gains_per_n[q]["regularization"], search[q]["regularized"]["wd"]
+        verdict = _sign_verdict(g.interval) if wd > 0.1 else "contradicted: the tuned wd is not above 0.1"
+        rows.append(["(a) tuned wd > 0.1 beats the standard recipe", "optima wd 0.8-3.2; 3.43 vs 3.75 (asymptote vs best)",
+                     f"{q} (largest size with both optima certified): wd {wd:g}, {gain_text(g)}", verdict])
+    else:
+        rows.append(["(a) tuned wd > 0.1 beats the standard recipe", "optima wd 0.8-3.2", "n/a",
+                     "cannot be resolved at this scale: no size has both optima certified"])
+
+    reg = a.size_laws.get("regularized")
+    ens = a.per_k.get(top[-1])
+    if reg is not None and ens is not None:
+        problem = _law_problem({"regularized over N": reg, f"ensemble over K at {top[-1]}": ens})
+        text, interval = _difference(ens, reg) if problem is None else (withheld, None)
+        rows.append(["(b) ensemble asymptote (K -> inf) below the regularized one", "3.34 vs 3.43 (-0.09)",
+                     f"C_K({top[-1]}) - C_reg: {text}",
+                     f"cannot be resolved at this scale: {problem}" if problem else _sign_verdict(interval, False)])
+    if a.joint is not None and reg is not None and ens is not None:
+        problem = _law_problem({"regularized over N": reg, f"ensemble over K at {top[-1]}": ens, "joint limit": a.joint})
+        lowest = reg if reg.C <= ens.C else ens
+        text, interval = _difference(a.joint, lowest) if problem is None else (withheld, None)
+        rows.append(["(c) the joint limit (N, K -> inf) is the lowest", "3.17 vs 3.34 and 3.43",
+                     f"C_joint - the lower of the two: {text}",
+                     f"cannot be resolved at this scale: {problem}" if problem else _sign_verdict(interval, False)])
+
+    main = f"D={p['tokens']:,}"
+    local = next((e for n, e in getattr(a, "local_efficiencies", {}).items()
+                  if n.startswith("regularized") and n.endswith(main)), None)
+    law_reg = a.efficiencies.get("regularized, N -> inf (asymptote)")
+    if law_reg is not None and law_reg.headline:
+        rows.append(["(d) data efficiency > 1", "2.29x regularized (asymptote)", f"law: {law_reg.multiplier()}",
+                     _sign_verdict(law_reg.interval, threshold=1.0)])
+    elif local is not None and local.headline:
+        why = _law_problem({"the data law": a.data_law}) or "the law-based multiplier is extrapolated"
+        rows.append(["(d) data efficiency > 1", "2.29x regularized (asymptote)",
+                     f"local, best regularized at {main} (between measured budgets): {local.multiplier()}; "
+                     f"law-based withheld ({why})", _sign_verdict(local.interval, threshold=1.0)])
+    elif a.data_law is not None:
+        rows.append(["(d) data efficiency > 1", "2.29x regularized (asymptote)", "n/a",
+                     "cannot be resolved at this scale: " + (_law_problem({"the data law": a.data_law})
+                                                             or "no multiplier inside the measured budgets")])
+    joint_eff = a.efficiencies.get("joint N, K -> inf (asymptote)")
+    if joint_eff is not None and law_reg is not None:
+        if joint_eff.headline and law_reg.headline:
+            gap = Interval(joint_eff.interval.lo - law_reg.interval.hi, joint_eff.interval.hi - law_reg.interval.lo)
+            verdict = ("supported" if gap.lo > 0 else "contradicted (the intervals are disjoint, the other way)"
+                       if gap.hi < 0 else "cannot be resolved at this scale: the intervals overlap")
+            ours = f"joint {joint_eff.multiplier()} vs regularized {law_reg.multiplier()}"
+        else:
+            problem = (_law_problem({"the data law": a.data_law, "joint limit": a.joint, "regularized over N": reg})
+                       or "a multiplier lies outside the data law's fitted range")
+            ours, verdict = withheld, f"cannot be resolved at this scale: {problem}"
+        rows.append(["(d) joint multiplier the largest", "5.17x joint vs 2.29x regularized", ours, verdict])
+
+    g = a.gains
+    if "kept" in g:
+        k, over = g["kept"], g.get("ensemble_over_best")
+        ours = (f"{percent(k.value)} (95% interval {percent(k.interval.lo)} to {percent(k.interval.hi)}) of "
+                f"the ensemble's gain over the best single model of its size" if k.interval.defined else percent(k.value))
+        if over is None or not over.interval.lo > 0:
+            verdict = ("cannot be resolved at this scale: the ensemble does not beat the best single model of the "
+                       f"student's size ({gain_text(over) if over else 'n/a'})")
+        else:
+            verdict = _sign_verdict(k.interval, threshold=0.5)
+        rows.append(["(e) the student keeps most (> 50%) of the ensemble's gain", "83%", ours, verdict])
+    if "self" in g:
+        rows.append(["(f) self-distillation beats its teacher", "3.43, below its teacher",
+                     f"teacher - student {gain_text(g['self'])}", _sign_verdict(g["self"].interval)])
+    down = _downstream_gain(results)
+    if down is not None:
+        text, interval = down
+        rows.append(["downstream gain of the ensemble over a single model", "+3.7 points (64.4 vs 60.7, 1.4B)",
+                     f"ensemble K={p['k_max']} ({top[-1]}) - regularized: {text}", _sign_verdict(interval)])
+    return ["## The paper's claims at this scale\n",
+            "Computed from the analysis below (bench.report.claims_section): the paper's number "
+            "(../shared/docs/paper-recipe.md), ours with its 95% interval, and a verdict. A number that rests on a "
+            f"law failing its lack-of-fit test (p < {LACK_OF_FIT_ALPHA:g}) or otherwise flagged is withheld.\n\n",
+            markdown_table(["claim", "paper", "ours (95% interval)", "verdict"], rows)]
 
 
 def _c_text(fit) -> str:
     """An asymptote with its 95% interval, or why there is none."""
     if fit is None or not fit.identified:
         return "not identified (ordering only)"
-    return f"{fit.asymptote()} (95% interval {fit.C_interval.text()})" + (f" [flags: {'; '.join(fit.flags)}]"
-                                                                        if fit.flags else "")
+    if fit.flags:  # answers respect every flag: the number stays in the laws' table, beside its flags
+        return f"not quoted, the law is flagged ({'; '.join(fit.flags)})"
+    return f"{fit.asymptote()} (95% interval {fit.C_interval.text()})"
 
 
 def answers_section(results: dict, a) -> list[str]:
@@ -266,15 +432,17 @@ def answers_section(results: dict, a) -> list[str]:
         qa.append(f"**Is the joint limit (N, K -> inf) the lowest?** {_c_text(a.joint.over_n)}. (Paper: 3.17.)")
     if a.efficiencies:
         head = "; ".join(f"{n}: {e.multiplier()}" for n, e in a.headline.items()) or \
-            "none can be quoted: every multiplier is extrapolated or rests on an unidentified law"
-        qa.append(f"**What data-efficiency multipliers result (inside the data law's range)?** {head}. "
-                  "(Paper: 2.29x regularized, 5.17x joint.)")
+            "none from the data law: every one is extrapolated or rests on an unidentified or flagged law"
+        local = "; ".join(f"{n}: {e.multiplier()}" for n, e in getattr(a, "local_efficiencies", {}).items()
+                          if e.headline) or "none"
+        qa.append(f"**What data-efficiency multipliers result (inside the data law's range)?** {head}. Interpolated "
+                  f"between measured budgets (no law): {local}. (Paper: 2.29x regularized, 5.17x joint.)")
     g = a.gains
     if "kept" in g:
         k = g["kept"]
-        text = (f"**How much of the ensemble's gain does the student keep?** {percent(k.value)} (95% interval "
-                f"{percent(k.interval.lo)} to {percent(k.interval.hi)})" if k.interval.defined else
-                f"**How much of the ensemble's gain does the student keep?** {percent(k.value)} (no interval)")
+        q = "**How much of the ensemble's gain over the best single model of its size does the student keep?**"
+        text = (f"{q} {percent(k.value)} (95% interval {percent(k.interval.lo)} to {percent(k.interval.hi)})"
+                if k.interval.defined else f"{q} {percent(k.value)} (no interval)")
         if "self" in g:
             text += f"; self-distillation gain over its teacher {gain_text(g['self'])}"
         if "synthetic" in g:
@@ -313,15 +481,24 @@ class _NoFit:
 def efficiency_section(results: dict, a, out: Path) -> list[str]:
     if a.data_law is None:
         return []
-    parts = ["## Data efficiency (against the standard recipe's data law)\n",
+    parts = ["## Data efficiency (against the standard recipe's data law)\n", baseline_sizes_text(results) + "\n\n",
              fit_table({"standard recipe, best N at each D": a.data_law}, f"D, {a.d_unit}"), "\n",
              efficiency_table(a.efficiencies)]
+    paper = "Paper: " + ", ".join(f"{v:.2f}x {k}" for k, v in PAPER["efficiency"].items()) + "."
     if a.headline:
         parts.append("\nHeadline (identified law, inside its fitted range): " + "; ".join(
-            f"{name}: {e.multiplier()}" for name, e in a.headline.items()) + ". Paper: " + ", ".join(f"{v:.2f}x {k}" for k, v in PAPER["efficiency"].items()) + ".\n")
+            f"{name}: {e.multiplier()}" for name, e in a.headline.items()) + f" (none rests on a flagged law). {paper}\n")
     else:
-        parts.append("\nNo multiplier can be quoted as a headline: every one is extrapolated or rests on a law "
-                     "that is not identified.\n")
+        parts.append("\nNo law-based multiplier can be quoted as a headline: every one is extrapolated or rests on a "
+                     f"law that is not identified or is flagged ({_law_problem({'the data law': a.data_law}) or 'see the flags'}).\n")
+    local = getattr(a, "local_efficiencies", {})
+    if local:
+        quoted = "; ".join(f"{n}: {e.multiplier()}" for n, e in local.items() if e.headline) or "none"
+        parts += ["\n### Local multipliers: equal-loss D between measured budgets (no law)\n",
+                  "The standard recipe's seed-mean loss at the two measured budgets that bracket L, log D read linearly "
+                  "in loss between them (bench.fits.equal_loss_tokens); outside the measured losses nothing is quoted. "
+                  "The interval pairs resampled baseline seeds with the loss's own draws.\n\n",
+                  efficiency_table(local), f"\nLocal multipliers inside the measured budgets: {quoted}. {paper}\n"]
     plot_data_efficiency(a.data_law, {n: e for n, e in a.efficiencies.items() if math.isfinite(e.loss)},
                          out / "data_efficiency.png", xlabel=f"training tokens D ({a.d_unit})")
     return parts + ["\n![data efficiency](data_efficiency.png)\n"]
@@ -415,11 +592,15 @@ def limits_section(results: dict, a) -> list[str]:
     outside = [f"{n}: {e.multiplier()}" for n, e in a.efficiencies.items() if not e.headline]
     if outside:
         lines.append("- Multipliers kept out of the headline (extrapolated past the budgets the data law was fitted "
-                     "on, or no identified law): " + "; ".join(outside) + ".")
-    unshown = [name for name, g in a.gains.items() if name != "kept" and g.interval.defined and g.interval.lo <= 0]
-    if unshown:
-        lines.append("- Effects this study cannot resolve (95% interval includes 0 or is reversed): "
-                     + ", ".join(unshown) + ".")
+                     "on, no identified law, or a flagged law behind them): " + "; ".join(outside) + ".")
+    effects = {name: g for name, g in a.gains.items() if name != "kept" and g.interval.defined}
+    unresolved = [name for name, g in effects.items() if g.interval.lo <= 0 <= g.interval.hi]
+    contradicted = [name for name, g in effects.items() if g.interval.hi < 0]
+    if unresolved:
+        lines.append("- Effects this study cannot resolve (95% interval includes 0): " + ", ".join(unresolved) + ".")
+    if contradicted:
+        lines.append("- Effects contradicted here (reversed, the 95% interval excludes 0): "
+                     + ", ".join(contradicted) + ".")
     return ["## What this scale cannot answer\n", "\n".join(lines) + "\n"]
 
 
@@ -436,6 +617,7 @@ def render_report(results: dict, a, out: Path, phases: Sequence[str]) -> str:
              f"- Corpus: {', '.join(ds.get('corpus', []))}; {ds.get('train_tokens', 0):,} training tokens available, "
              f"{ds.get('val_tokens', 0):,} fixed validation tokens, vocabulary {ds.get('vocab_size', p['vocab_size'])}; "
              f"context {p['context']}, batch {p['batch_size']}\n")]
+    parts += claims_section(results, a)
     parts += answers_section(results, a)
     parts += story_section(results, a)
     parts += limits_section(results, a)

@@ -67,3 +67,55 @@ def test_cli_fit_and_report(tmp_path):
     run = subprocess.run([sys.executable, "-m", "bench", "fit", "--points", str(bad), "--x", "n"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "bad.jsonl:1" in run.stderr and "'loss'" in run.stderr
+
+
+def _claims(reg_curve, self_gain):
+    """The claims table for a minimal analysis: a regularized law over N, an ensemble law over K at the top size
+    (asymptote 0.1 below), the joint limit, and a self-distillation gain."""
+    from types import SimpleNamespace
+
+    from bench.fits import Interval, fit_joint_limit
+    from bench.report import claims_section
+    from bench.study import Gain
+
+    noise = np.tile([0.003, 0.0, -0.003], 6)
+    n, k = np.repeat([0.25, 0.5, 1, 2, 4, 8], 3), np.repeat([1, 2, 3, 4, 5, 6], 3)
+    reg = fit_power_law(n, reg_curve(n) + noise, n_boot=100)
+    ens = fit_power_law(k, 0.3 / k + 2.9 + noise, n_boot=100)
+    joint = fit_joint_limit([(m, kk, 0.3 / kk + 0.05 / m + 2.8 + e) for m in (0.25, 0.5, 1, 2, 4)
+                             for kk in (1, 2, 3, 4, 5) for e in (0.003, 0.0, -0.003)], n_boot=100)
+    a = SimpleNamespace(size_laws={"regularized": reg}, per_k={"top": ens}, joint=joint, efficiencies={},
+                        local_efficiencies={}, data_law=None, gains_per_n={},
+                        gains={"self": Gain(self_gain, Interval(self_gain - 0.05, self_gain + 0.05, 100, 100))})
+    results = {"profile": {"presets": ["top"], "k_max": 5, "tokens": 1000}, "members": {"top": {}},
+               "search": {"top": {"standard": {"certified": True}, "regularized": {"certified": False}}}}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in "".join(claims_section(results, a)).splitlines()}
+    return rows
+
+
+def test_claims_table_withholds_numbers_from_a_flagged_law_and_calls_reversals_contradicted():
+    good = _claims(lambda n: 0.1 / n**0.5 + 3.0, self_gain=0.1)
+    # control: every law passes its lack-of-fit test, so the verdicts are computed from the intervals
+    assert good["(b) ensemble asymptote (K -> inf) below the regularized one"].endswith("| supported |")
+    assert "-0.100 nats" in good["(b) ensemble asymptote (K -> inf) below the regularized one"]
+    assert good["(c) the joint limit (N, K -> inf) is the lowest"].endswith("| supported |")
+    assert good["(f) self-distillation beats its teacher"].endswith("| supported |")
+    assert "no size has both optima certified" in good["(a) tuned wd > 0.1 beats the standard recipe"]
+    # the regularized law now has a step no power law follows: (b) and (c) rest on it and are withheld
+    bad = _claims(lambda n: 0.1 / n**0.5 + 3.0 + 0.05 * (n >= 2), self_gain=-0.1)
+    for claim in ("(b) ensemble asymptote (K -> inf) below the regularized one",
+                  "(c) the joint limit (N, K -> inf) is the lowest"):
+        assert "withheld" in bad[claim] and "nats" not in bad[claim]
+        assert "cannot be resolved at this scale: law flagged: regularized over N, lack of fit p = " in bad[claim]
+    # a reversal whose interval excludes 0 is a contradiction, not "cannot resolve"
+    assert "| contradicted" in bad["(f) self-distillation beats its teacher"]
+
+
+def test_efficiency_table_says_why_a_multiplier_is_not_quoted():
+    d = np.repeat([0.2, 0.4, 0.8, 1.6, 3.2], 3)
+    noise = np.tile([0.004, 0.0, -0.004], 5)
+    good = fit_power_law(d, 2.0 / d**0.25 + 3.0 + noise, n_boot=50)
+    bad = fit_power_law(d, 2.0 / d**0.25 + 3.0 + noise + 0.05 * (d == 0.8), n_boot=50)
+    table = efficiency_table({"good": data_efficiency(good, 5.0, 0.2), "bad": data_efficiency(bad, 5.0, 0.2)})
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
+    assert "| yes |" in rows["good"] and "| no: law flagged |" in rows["bad"]
