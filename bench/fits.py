@@ -671,6 +671,10 @@ def local_data_efficiency(budgets: Sequence[float], baseline_losses: Sequence[fl
                               extrapolated=True, method="local")
     d_boot = np.array([equal_loss_tokens(budgets, curve, draw) if np.all(np.isfinite(curve)) else math.nan
                        for curve, draw in zip(np.asarray(baseline_draws), np.asarray(loss_draws, dtype=float))])
+    beyond = int(np.sum((d_boot == 0) | np.isinf(d_boot)))
+    if beyond:
+        flags.append(f"{beyond} of {len(d_boot)} draws fall outside the measured budgets (counted as 0 or inf): "
+                     "the interval reaches past the measurements")
     return DataEfficiency(tokens, loss, d_eq, d_eq / tokens, Interval.from_draws(d_boot / tokens), tuple(flags),
                           Interval.from_draws(d_boot), method="local")
 

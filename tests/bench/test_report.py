@@ -119,3 +119,39 @@ def test_efficiency_table_says_why_a_multiplier_is_not_quoted():
     table = efficiency_table({"good": data_efficiency(good, 5.0, 0.2), "bad": data_efficiency(bad, 5.0, 0.2)})
     rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()}
     assert "| yes |" in rows["good"] and "| no: law flagged |" in rows["bad"]
+
+
+def _cpt_results(standard_curve) -> dict:
+    """A finished tiny CPT study's results.json: 2 standard seeds and 2 regularized members (K = 1, 2) per budget,
+    the regularized recipe reaching about the standard one's loss with 1/1.5 of its tokens."""
+    import dataclasses
+
+    from bench.cpt_study import PROFILES
+
+    profile = PROFILES["tiny"]
+    rows = []
+    for d in profile.budgets:
+        for recipe, loss in (("standard", standard_curve(d)), ("regularized", standard_curve(1.5 * d))):
+            rows += [{"recipe": recipe, "x": d, "seeds": [s], "loss": loss + e} for s, e in enumerate((0.005, -0.005))]
+            rows.append({"recipe": recipe, "x": d, "seeds": [0, 1], "loss": loss - 0.01})
+    return {"profile": json.loads(json.dumps(dataclasses.asdict(profile))), "base": "b", "regularized_wd": 0.8,
+            "wd_search": {"0.8": 4.0}, "base_domain_loss": 6.0, "student_domain_loss": 4.0, "losses": {},
+            "forgetting_wiki_loss": {"base": 5.0}, "evaluations": rows, "wall_s": 60.0}
+
+
+def test_cpt_report_only_withholds_the_flagged_law_and_quotes_local_multipliers(tmp_path):
+    from bench.cpt_study import report_only
+
+    for name, curve in (("true", lambda d: 2.0 / (d / 1000) ** 0.3 + 3.0),
+                        ("step", lambda d: 2.0 / (d / 1000) ** 0.3 + 3.0 - 0.1 * (d >= 8000))):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "results.json").write_text(json.dumps(_cpt_results(curve)))
+        report = report_only(out).read_text()
+        answer = report.split("## Answer")[1].split("##")[0]
+        law_quoted = "through the data law inside its fitted range, is at best" in answer
+        assert law_quoted == (name == "true"), answer  # the control: the true law is quoted
+        assert ("the law is flagged" in answer and "lack of fit" in answer) == (name == "step")
+        local = answer.split("Interpolated between the measured budgets")[1]
+        assert "x [" in local and "at every D (not quoted)" not in local  # quoted with or without a law
+        assert json.loads((out / "results.json").read_text())["local_efficiencies"]
