@@ -29,6 +29,11 @@ Laws over x at one K (the size law over N, the standard recipe's data law over D
 losses at each x as seeds of one point and use bench.fits' seed bootstrap. Draw b of every cell comes
 from its own random stream, so cells are independent and draw b of two derived numbers that share a
 cell (a multiplier and the loss behind it) share that cell's draw.
+
+A multiplier is read two ways: through the standard recipe's fitted data law (`efficiency_of_loss`,
+`efficiency_of_asymptote`: the flags of every law behind it travel with it, and a flagged law keeps it out
+of headlines), and without any law, between the two measured budgets that bracket the loss
+(`local_efficiency_of_loss`). The local one is what remains quotable when the law fails its lack-of-fit test.
 """
 from __future__ import annotations
 
