@@ -185,7 +185,20 @@ def k_curve(cell: Mapping[frozenset[int], float], n_boot: int, rng: np.random.Ge
                     rebuilt[i] = cell[subset]
             draws[b, j] = rebuilt.mean()
     scale = math.sqrt(m / (m - 1)) * small_sample_widening(m - 1)
-    return KCurve(ks, point, point + (draws - point) * scale, m)
+    return KCurve(ks, point, point + (draws - point) * scale + _subset_noise(cell, mu, alpha, ks, n_boot, rng), m)
+
+
+def _subset_noise(cell, mu, alpha, ks, n_boot: int, rng: np.random.Generator) -> np.ndarray:
+    """[n_boot, len(ks)]: what the member-effect model leaves (how a subset differs beyond its members' effects),
+    as noise on each K's mean. A fresh set of members would redraw it too, but an evaluated subset keeps its
+    measured loss in a draw, so without this the draws miss it and a law's lack-of-fit test, which compares the
+    curve's residuals with the draws, would blame the law for it."""
+    residuals = [loss - mu[len(s)] - np.mean([alpha[i] for i in s]) for s, loss in cell.items()]
+    df = len(cell) - len(ks) - (len(alpha) - 1)
+    if df < 1:
+        return np.zeros((n_boot, len(ks)))
+    per_k = np.array([sum(len(s) == k for s in cell) for k in ks])
+    return rng.normal(0.0, 1.0, (n_boot, len(ks))) * np.sqrt(np.sum(np.square(residuals)) / df / per_k)
 
 
 def _rng(seed: int, *key) -> np.random.Generator:
