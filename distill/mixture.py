@@ -15,6 +15,8 @@ import math
 
 import numpy as np
 
+from synthdata.soft_targets import SoftTargets
+
 SYNTHETIC_SALT, REAL_SALT = 1, 2  # separate permutation streams for the two sources
 
 
@@ -27,10 +29,11 @@ def mixture_steps(real_windows: int, batch_size: int, epochs: int, w: float) -> 
 
 class WindowStream:
     """Rows of a window array read in a fixed sequence of per-pass permutations: position p is row
-    perm_{p // n}[p % n]."""
+    perm_{p // n}[p % n]. `soft`: the teacher's soft targets of every window (synthdata.soft_targets), if any."""
 
-    def __init__(self, inputs: np.ndarray, targets: np.ndarray, seed: int, salt: int):
-        self.inputs, self.targets, self.seed, self.salt = inputs, targets, seed, salt
+    def __init__(self, inputs: np.ndarray, targets: np.ndarray, seed: int, salt: int,
+                 soft: SoftTargets | None = None):
+        self.inputs, self.targets, self.seed, self.salt, self.soft = inputs, targets, seed, salt, soft
         self._perms: dict[int, np.ndarray] = {}
 
     def __len__(self) -> int:
@@ -55,9 +58,12 @@ class MixtureBatches:
     `synthetic_only` (the ablation) keeps the step count of weight w but draws every row synthetic."""
 
     def __init__(self, real: tuple[np.ndarray, np.ndarray], synthetic: tuple[np.ndarray, np.ndarray],
-                 batch_size: int, epochs: int, w: float, seed: int, synthetic_only: bool = False):
-        self.real = WindowStream(*real, seed, REAL_SALT)
-        self.synthetic = WindowStream(*synthetic, seed, SYNTHETIC_SALT)
+                 batch_size: int, epochs: int, w: float, seed: int, synthetic_only: bool = False,
+                 real_soft: SoftTargets | None = None, synthetic_soft: SoftTargets | None = None):
+        self.real = WindowStream(*real, seed, REAL_SALT, real_soft)
+        self.synthetic = WindowStream(*synthetic, seed, SYNTHETIC_SALT, synthetic_soft)
+        soft = [s for s in (real_soft, synthetic_soft) if s is not None]
+        self.k = soft[0].k if soft else None  # batches carry soft targets (rows without: CE only) when either has
         self.batch_size, self.seed = batch_size, seed
         self.p_synthetic = 1.0 if synthetic_only else w
         self.steps = mixture_steps(len(self.real), batch_size, epochs, w)
@@ -70,7 +76,8 @@ class MixtureBatches:
         """Which rows of the step are synthetic."""
         return np.random.default_rng([self.seed, step]).random(self.batch_size) < self.p_synthetic
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def batch(self, step: int) -> tuple[np.ndarray, ...]:
+        """(inputs, targets), and with soft targets (ids, log-probs, tail, valid) after them."""
         synthetic = self.draw(step)
         n_syn = int(synthetic.sum())
         syn_idx = self.synthetic.rows(int(self.synthetic_before[step]), n_syn)
@@ -80,7 +87,15 @@ class MixtureBatches:
         targets = np.empty((self.batch_size, context), dtype=np.int64)
         inputs[synthetic], targets[synthetic] = self.synthetic.inputs[syn_idx], self.synthetic.targets[syn_idx]
         inputs[~synthetic], targets[~synthetic] = self.real.inputs[real_idx], self.real.targets[real_idx]
-        return inputs, targets
+        if self.k is None:
+            return inputs, targets
+        soft = SoftTargets.empty(self.batch_size * context, self.k).windows(context, self.batch_size)
+        for rows, source, idx in ((synthetic, self.synthetic, syn_idx), (~synthetic, self.real, real_idx)):
+            if source.soft is not None:
+                part = source.soft.rows(idx)
+                soft.ids[rows], soft.logprobs[rows], soft.tail[rows], soft.valid[rows] = (
+                    part.ids, part.logprobs, part.tail, part.valid)
+        return inputs, targets, soft.ids, soft.logprobs, soft.tail, soft.valid
 
     def consumed(self, steps: int | None = None) -> dict:
         """What the first `steps` batches (default: all) hold: rows per source, the synthetic share, and how

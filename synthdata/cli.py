@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                                       "starting engines; --replicas shards at a time; key from $CHORUS_API_KEY")
     p.add_argument("--max-restarts", type=int, default=4,
                    help="replicas restarted (or endpoint failures retried) per job after one is lost (default 4)")
+    p.add_argument("--topk", type=int, default=0,
+                   help="also store the teacher's k most likely next tokens and their log-probs at every position "
+                        "(soft labels for `python -m distill --blend`; temperature 1, no top-p); default 0: off")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per engine on CPU, GiB (default 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
@@ -59,7 +62,7 @@ def cmd_generate(args) -> dict:
                          replicas=args.replicas, temperature=args.temperature, top_p=args.top_p,
                          max_len=args.max_len, seed=args.seed, shard_tokens=args.shard_tokens,
                          address=args.address, kv_cache_gib=args.kv_cache_gib, progress=not args.no_progress,
-                         endpoint=args.endpoint, max_restarts=args.max_restarts)
+                         endpoint=args.endpoint, max_restarts=args.max_restarts, topk=args.topk)
     return generate(cfg)
 
 

@@ -30,7 +30,7 @@ def engine_env(kv_cache_gib: float, cores: str | None) -> dict[str, str]:
     """Environment of an engine process: in-process engine core (one process per replica, so killing the
     actor frees everything), a small KV cache, and, on a local machine, its own CPU cores."""
     env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(kv_cache_gib))),
-           "TOKENIZERS_PARALLELISM": "false"}
+           "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}  # no vLLM telemetry
     if cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cores
     return env
@@ -39,12 +39,18 @@ def engine_env(kv_cache_gib: float, cores: str | None) -> dict[str, str]:
 class TeacherEngine:
     """A vLLM engine on one model directory (a packed ensemble or a single member)."""
 
-    def __init__(self, model_dir: str, max_len: int, seed: int = 0):
+    def __init__(self, model_dir: str, max_len: int, seed: int = 0, topk: int = 0):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
-        self.llm = LLM(model=model_dir, dtype=engine_dtype(), enforce_eager=True, max_model_len=max_len, seed=seed,
-                       logprobs_mode="processed_logprobs", disable_log_stats=True)
+        # Top-k scoring (`topk`) of a sequence as long as the context needs one position more: vLLM asks every request
+        # for at least one output token. That slot's position is never run through the model (one step is
+        # generated, none fed back), so the config is widened by one in the engine only; every scored position
+        # stays inside the trained context. max_logprobs: vLLM refuses requests for more per position.
+        extra = {"hf_overrides": {"max_position_embeddings": max_len + 1}} if topk else {}
+        self.llm = LLM(model=model_dir, dtype=engine_dtype(), enforce_eager=True, max_model_len=max_len + bool(topk),
+                       seed=seed, logprobs_mode="processed_logprobs", disable_log_stats=True,
+                       max_logprobs=max(20, topk), **extra)
 
     def sample(self, bos_token_id: int, seeds: list[int], settings: SamplingSettings
                ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -64,3 +70,45 @@ class TeacherEngine:
                                   dtype=np.float32)
             result.append((ids, logprobs))
         return result
+
+    def topk(self, sequences: list[np.ndarray], k: int, last: bool = False) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The teacher's k most likely next tokens after each position of each sequence, in one prefill pass.
+
+        Returns per sequence of L tokens (ids int32 [n, k], log-probs float32 [n, k], descending) with n = L - 1
+        (after positions 0 .. L-2: what produced tokens 1 .. L-1), or n = L with `last` (also after the final
+        token: one generated step, whose top-k log-probs vLLM reports the same way). Temperature 1, no top-p:
+        the teacher's own distribution. Flat log-probs: vLLM hands back plain lists, not a dict per position."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=k, logprobs=k if last else None,
+                                flat_logprobs=True, detokenize=False, seed=0)
+        outputs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in s]) for s in sequences],
+                                    params, use_tqdm=False)
+        result = []
+        for seq, out in zip(sequences, outputs):
+            ids, lps = _flat_topk(out.prompt_logprobs, k, skip_first=True)
+            if last:
+                tail_ids, tail_lps = _flat_topk(out.outputs[0].logprobs, k, skip_first=False)
+                ids, lps = np.concatenate([ids, tail_ids[:1]]), np.concatenate([lps, tail_lps[:1]])
+            if len(ids) != len(seq) - (0 if last else 1):
+                raise RuntimeError(f"vLLM returned top-k for {len(ids)} positions of a {len(seq)}-token sequence")
+            result.append((ids, lps))
+        return result
+
+
+def _flat_topk(flat, k: int, skip_first: bool) -> tuple[np.ndarray, np.ndarray]:
+    """[positions, k] ids and log-probs from vLLM's FlatLogprobs: each position holds the scored token first, then
+    the top k by rank (the scored token may appear twice: it is both); the prompt's first position holds nothing."""
+    starts, ends = np.asarray(flat.start_indices), np.asarray(flat.end_indices)
+    if skip_first:
+        starts, ends = starts[1:], ends[1:]
+    if not np.all(ends - starts == k + 1):
+        raise RuntimeError(f"vLLM returned {sorted(set((ends - starts).tolist()))} log-probs per position, not {k + 1}")
+    take = (starts[:, None] + 1 + np.arange(k)[None, :]).reshape(-1)
+    ids = np.asarray(flat.token_ids, dtype=np.int32)[take].reshape(-1, k)
+    lps = np.asarray(flat.logprobs, dtype=np.float32)[take].reshape(-1, k)
+    ranks = np.asarray(flat.ranks, dtype=np.int64)[take].reshape(-1, k)
+    if not np.all(ranks == np.arange(1, k + 1)[None, :]):
+        raise RuntimeError("vLLM's flat log-probs are not laid out as [scored token, rank 1 .. k]")
+    return ids, lps

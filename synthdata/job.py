@@ -7,7 +7,10 @@ Layout of a synthetic data directory:
                          sequence_seed (the sequence's own, 63-bit), content_sha256 (of its token ids: the
                          job counts and reports sequences that repeat another exactly),
                          member (mixture: which member sampled it; ensemble: -1), sample_logprob (the engine's
-                         log-probability of the stored tokens after BOS), teacher_sha256, sampling (JSON)
+                         log-probability of the stored tokens after BOS), teacher_sha256, sampling (JSON);
+                         with `topk` > 0 also topk_ids, topk_logprobs, topk_tail: the teacher's k most likely next
+                         tokens at every position but the last (format: synthdata/soft_targets.py), scored after
+                         the shard is sampled, in one prefill pass per row through the same engine
     teacher-members/     mixture mode only: the members extracted from a packed teacher
 
 The budget counts stored tokens, BOS and EOS included, like train/'s budgets. It is cut into shards of
@@ -56,6 +59,8 @@ from tqdm import tqdm
 
 from synthdata.endpoint import EndpointSampler
 from synthdata.engine import SamplingSettings, TeacherEngine, engine_env
+from synthdata.soft_targets import METHOD as SOFT_TARGET_METHOD
+from synthdata.soft_targets import topk_arrays
 from synthdata.teacher import Teacher, member_dirs, read_teacher
 from train.artifacts import OutputLock, atomic_write_json, publish_file
 from train.data import read_json_manifest, sha256_file
@@ -90,6 +95,7 @@ class GenerateConfig:
     endpoint: str | None = None  # a live Chorus endpoint's base URL: sample through it, start no engines
     max_restarts: int = 4  # replicas started again after one died (a node lost), per job
     restart_timeout_s: float = 600.0  # how long a replacement replica may wait for room on a live node
+    topk: int = 0  # > 0: store the teacher's top-k next-token log-probs at every position (synthdata.soft_targets)
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,11 @@ def check_config(cfg: GenerateConfig, teacher: Teacher) -> SamplingSettings:
     if cfg.endpoint and cfg.mode != "ensemble":
         raise JobError("--endpoint samples the served ensemble: only --mode ensemble (mixture mode needs an engine "
                        "per member)")
+    if not 0 <= cfg.topk <= teacher.vocab_size:
+        raise JobError(f"topk must be in [0, {teacher.vocab_size}] (the teacher's vocabulary); got {cfg.topk}")
+    if cfg.topk and cfg.endpoint:
+        raise JobError("--topk scores each finished sequence with the teacher's engine: it needs engines, not "
+                       "--endpoint")
     if cfg.shard_tokens < 1:
         raise JobError(f"shard_tokens must be >= 1 (got {cfg.shard_tokens})")
     if not cfg.temperature > 0:
@@ -156,10 +167,13 @@ def check_config(cfg: GenerateConfig, teacher: Teacher) -> SamplingSettings:
 
 def job_record(cfg: GenerateConfig, teacher: Teacher, settings: SamplingSettings) -> dict:
     """What makes two runs the same job (replicas, address and progress do not change the tokens)."""
-    return {"teacher_sha256": teacher.sha256, "teacher_members": teacher.members, "mode": cfg.mode,
-            "tokens": cfg.tokens, "seed": cfg.seed, "shard_tokens": cfg.shard_tokens, "sampling": settings.as_dict(),
-            "bos_token_id": teacher.bos_token_id, "eos_token_id": teacher.eos_token_id,
-            "vocab_size": teacher.vocab_size, "tokenizer_sha256": teacher.tokenizer_sha256}
+    job = {"teacher_sha256": teacher.sha256, "teacher_members": teacher.members, "mode": cfg.mode,
+           "tokens": cfg.tokens, "seed": cfg.seed, "shard_tokens": cfg.shard_tokens, "sampling": settings.as_dict(),
+           "bos_token_id": teacher.bos_token_id, "eos_token_id": teacher.eos_token_id,
+           "vocab_size": teacher.vocab_size, "tokenizer_sha256": teacher.tokenizer_sha256}
+    if cfg.topk:  # absent when off: jobs made before --topk existed stay the same jobs
+        job["soft_targets"] = {"k": cfg.topk, "method": SOFT_TARGET_METHOD}
+    return job
 
 
 # ---- manifest ----------------------------------------------------------------------------------
@@ -191,6 +205,12 @@ def open_job(out: Path, job: dict) -> dict:
         tmp.unlink()
     kept = []
     for shard in manifest["shards"]:
+        name = shard.get("file")
+        if not (isinstance(name, str) and Path(name).name == name and name.startswith("shard-")
+                and name.endswith(".parquet")):  # "../../x", "/abs/x": a path, not a shard of this job
+            raise JobError(f"{path} records a shard file {shard.get('file')!r} that is not a shard-NNNNN.parquet of "
+                           f"{out}: the manifest is damaged or crafted; nothing outside {out} is touched (delete it "
+                           f"to restart the job)")
         file = out / shard["file"]
         if not file.exists():
             log.warning("shard %s is recorded but missing: it will be regenerated", shard["file"])
@@ -218,6 +238,7 @@ class ShardRows:
     members: list[int]
     logprobs: list[float]
     seeds: list[int]
+    topk: list[tuple[np.ndarray, np.ndarray]] | None = None  # per row: (ids, log-probs) [len - 1, k]
 
     @property
     def count(self) -> int:
@@ -233,6 +254,26 @@ def actor_sampler(engines: list, bos: int, settings: SamplingSettings):
         return {m: ray.get(ref) for m, ref in calls.items()}
 
     return sample
+
+
+def actor_scorer(engines: list, k: int):
+    """Top-k of finished rows by the engine that drew them (synthdata.soft_targets): {member: [tokens]} ->
+    {member: [(ids, log-probs)]}, one call per member's engine, all at once."""
+    import ray
+
+    def score(rows_by_member: dict[int, list[np.ndarray]]) -> dict[int, list]:
+        calls = {m: engines[m].topk.remote(rows, k) for m, rows in rows_by_member.items()}
+        return {m: ray.get(ref) for m, ref in calls.items()}
+
+    return score
+
+
+def score_shard(rows: ShardRows, score) -> None:
+    """Attach each row's teacher top-k: rows go to the engine of the member that sampled them (ensemble: 0)."""
+    engine_of = [max(m, 0) for m in rows.members]
+    by_member = {m: [t for t, e in zip(rows.tokens, engine_of) if e == m] for m in sorted(set(engine_of))}
+    results = {m: iter(out) for m, out in score(by_member).items()}
+    rows.topk = [next(results[e]) for e in engine_of]
 
 
 def endpoint_sampler(sampler: EndpointSampler, bos: int, settings: SamplingSettings):
@@ -288,6 +329,10 @@ def write_shard(out: Path, plan: ShardPlan, rows: ShardRows, job: dict, source: 
         "teacher_sha256": pa.array([job["teacher_sha256"]] * n, type=pa.string()),
         "sampling": pa.array([json.dumps(job["sampling"], sort_keys=True)] * n, type=pa.string()),
     })
+    if "soft_targets" in job:
+        for name, column in topk_arrays([ids for ids, _ in rows.topk], [lps for _, lps in rows.topk],
+                                        job["soft_targets"]["k"]).items():
+            table = table.append_column(name, column)
     path = out / plan.file
     tmp = out / (plan.file + ".tmp")
     pq.write_table(table, tmp)
@@ -332,11 +377,14 @@ class EngineReplicas:
         for m, d in enumerate(self.model_dirs):
             env = engine_env(self.cfg.kv_cache_gib, self.cores[slot * len(self.model_dirs) + m])
             group.append(self.actor.options(runtime_env={"env_vars": env}, **placement)
-                         .remote(str(d), self.settings.max_len, self.cfg.seed))
+                         .remote(str(d), self.settings.max_len, self.cfg.seed, self.cfg.topk))
         return group
 
     def sampler(self, slot: int, bos: int):
         return actor_sampler(self.groups[slot], bos, self.settings)
+
+    def scorer(self, slot: int):
+        return actor_scorer(self.groups[slot], self.cfg.topk)
 
     def release(self, slot: int) -> None:
         """Stop a slot's engines (its work is done, or it died): frees its node for a replacement."""
@@ -499,6 +547,8 @@ def run_shards(cfg: GenerateConfig, out: Path, job: dict, manifest: dict, pendin
 
                 try:
                     rows = generate_shard(plan, sample, members, bos, source.settings, count)
+                    if cfg.topk:
+                        score_shard(rows, source.scorer(slot))
                 except lost as e:
                     advance(-made)  # the shard's partial rows are dropped; it is made again, whole
                     todo.put(plan)

@@ -14,6 +14,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from synthdata.job import JobError, read_manifest
+from synthdata.soft_targets import COLUMNS as SOFT_COLUMNS
+from synthdata.soft_targets import SoftTargetError, SoftTargets, read_columns
 from train.data import DataError, concat_tokens, sha256_file
 from train.data import read_manifest as read_dataset_manifest
 
@@ -38,6 +40,7 @@ class TokenShards:
     manifest_sha256: str  # identity of the data: the manifest file's hash
     teacher_sha256: str | None = None
     teacher_members: int | None = None
+    topk: int = 0  # synthetic shards made with --topk: k of their soft-target columns
 
     @property
     def tokens(self) -> int:
@@ -69,7 +72,7 @@ class TokenShards:
                 raise DataError(f"synthetic data in {root} is incomplete ({done:,} of {job['tokens']:,} tokens); "
                                 "re-run its `python -m synthdata generate` command to finish it")
             return cls(root, "synthetic", files, job["tokenizer_sha256"], job["vocab_size"], manifest_sha,
-                       job["teacher_sha256"], job["teacher_members"])
+                       job["teacher_sha256"], job["teacher_members"], job.get("soft_targets", {}).get("k", 0))
         dataset = read_dataset_manifest(root)  # raises a clear DataError for anything else
         files = tuple(ShardFile(root / s["file"], s["sha256"], s["rows"], s["tokens"])
                       for s in dataset["splits"][split]["shards"])
@@ -86,6 +89,28 @@ class TokenShards:
                 values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
                 for a, b in zip(offsets[:-1], offsets[1:]):
                     yield values[a:b]
+
+    def soft_targets(self, verify: bool = True) -> SoftTargets:
+        """The teacher's top-k at every position of `stream()` (synthdata.soft_targets): a row's last token has
+        none (what follows it in the stream is the next row's BOS), so it is marked invalid."""
+        if not self.topk:
+            raise DataError(f"{self.root} holds no teacher top-k: it was generated without --topk")
+        parts = []
+        for f in self.files:
+            if verify and (not f.path.exists() or sha256_file(f.path) != f.sha256):
+                raise DataError(f"token shard {f.path} is missing or corrupt (sha256 differs from the manifest)")
+            table = pq.read_table(f.path, columns=["length", *SOFT_COLUMNS])
+            lengths = table.column("length").to_numpy().astype(np.int64)
+            try:
+                flat = read_columns(table, self.topk, lengths - 1, str(f.path))
+            except SoftTargetError as e:
+                raise DataError(str(e)) from None
+            part = SoftTargets.empty(int(lengths.sum()), self.topk)
+            part.valid[:] = True
+            part.valid[np.cumsum(lengths) - 1] = False
+            part.ids[part.valid], part.logprobs[part.valid], part.tail[part.valid] = flat.ids, flat.logprobs, flat.tail
+            parts.append(part)
+        return SoftTargets.concat(parts)
 
     def stream(self, max_tokens: int | None = None) -> np.ndarray:
         """The rows concatenated into one token stream (what `train.data.windows` cuts), optionally truncated."""

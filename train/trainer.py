@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -96,9 +96,13 @@ def initial_model(seed: int, config: LlamaConfig, base: BaseModel | None) -> Lla
 class BatchSource(Protocol):
     steps: int
 
-    def batch(self, step: int) -> tuple[np.ndarray, np.ndarray]:
-        """(inputs, targets) for `step`: the same arrays every time it is asked."""
+    def batch(self, step: int) -> tuple[np.ndarray, ...]:
+        """(inputs, targets, *extra) for `step`: the same arrays every time it is asked. Extra arrays (a student's
+        soft targets) go to the run's loss after inputs and targets."""
         ...
+
+
+StepLoss = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (model, inputs, targets, *extra) -> (sum, count)
 
 
 class EpochBatches:
@@ -250,10 +254,14 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 def claim_run_dir(run_dir: Path, identity: dict) -> None:
     """Record the run's identity, or check that an existing run dir belongs to the same run."""
+    from train.artifacts import read_json  # a corrupt run.json / result.json is named (ArtifactError)
+
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir / "run.json"
+    if (run_dir / "result.json").exists():  # a corrupt result is named here, not a traceback where it is read
+        read_json(run_dir / "result.json", "run result")
     if record.exists():
-        existing = json.loads(record.read_text())
+        existing = read_json(record, "run configuration")
         if existing != identity:
             diff = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
             raise DataError(f"{run_dir} belongs to another run configuration (differs in: {', '.join(diff)})")
@@ -264,19 +272,22 @@ def claim_run_dir(run_dir: Path, identity: dict) -> None:
 # ---- the loop ----------------------------------------------------------------------------------
 
 def train_loop(cfg: TrainConfig, run_dir: str | Path, batches: BatchSource, val: tuple[np.ndarray, np.ndarray],
-               progress: bool = True, peak_flops: float | None = None) -> dict:
-    """Train from `batches`, evaluate on `val`; save the model as a HF directory in run_dir/model.
+               progress: bool = True, peak_flops: float | None = None,
+               step_loss: StepLoss = token_loss_on_device) -> dict:
+    """Train from `batches` with `step_loss` (next-token cross-entropy by default), evaluate the cross-entropy on
+    `val`; save the model as a HF directory in run_dir/model. A loss other than the default must be part of
+    cfg.identity() (through cfg.extra): it changes the run.
 
     Returns the result record (also written to run_dir/result.json, last, when everything is saved).
     """
     run_dir = Path(run_dir)
     with OutputLock(run_dir):
         claim_run_dir(run_dir, cfg.identity())
-        return _train_loop(cfg, run_dir, batches, val, progress, peak_flops)
+        return _train_loop(cfg, run_dir, batches, val, progress, peak_flops, step_loss)
 
 
 def _train_loop(cfg: TrainConfig, run_dir: Path, batches: BatchSource, val: tuple[np.ndarray, np.ndarray],
-                progress: bool, peak_flops: float | None) -> dict:
+                progress: bool, peak_flops: float | None, step_loss: StepLoss) -> dict:
     result_path = run_dir / "result.json"
     if result_path.exists():
         log.info("%s is already complete; reusing it", run_dir)
@@ -309,9 +320,9 @@ def _train_loop(cfg: TrainConfig, run_dir: Path, batches: BatchSource, val: tupl
             lr = lr_at(step, total, cfg.lr, cfg.warmup_frac)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            x, y = (torch.from_numpy(a).to(device) for a in batches.batch(step))
+            x, y, *extra = (torch.from_numpy(a).to(device) for a in batches.batch(step))
             with autocast_for(device):
-                loss_sum, n = token_loss_on_device(model, x, y)
+                loss_sum, n = step_loss(model, x, y, *extra)
             loss = loss_sum / n
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
