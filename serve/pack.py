@@ -24,7 +24,8 @@ from safetensors import SafetensorError, safe_open
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.artifacts import fresh_tmp_dir, publish_dir
+from train.artifacts import ArtifactError, fresh_tmp_dir, publish_dir, read_json
+from train.console import ChorusError
 from train.data import sha256_file, tokenizer_hash
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ _PROVENANCE_KEYS = ("transformers_version", "_name_or_path", "architectures")
 _MEMBER_ONLY_FILES = ("config.json", WEIGHTS, "chorus_run.json")
 
 
-class PackError(ValueError):
+class PackError(ChorusError):
     """Members that cannot form one ensemble, or a directory that is not a model."""
 
 
@@ -83,7 +84,10 @@ def read_config(model_dir: str | Path) -> dict:
     path = Path(model_dir) / "config.json"
     if not path.exists():
         raise PackError(f"{model_dir} is not a model directory: {path} is missing")
-    return json.loads(path.read_text())
+    try:
+        return read_json(path, "model config")
+    except ArtifactError as e:  # corrupt: named, not a JSON traceback
+        raise PackError(str(e)) from None
 
 
 def ensemble_info(model_dir: str | Path) -> dict:

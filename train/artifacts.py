@@ -16,12 +16,52 @@ import os
 import shutil
 import socket
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from train.console import ChorusError
 
-class ArtifactError(ValueError):
+
+class ArtifactError(ChorusError):
     """A file is missing, damaged, or held by another job; the message names it."""
+
+
+class DiskFullError(ArtifactError):
+    """The disk (or the user's quota) filled up while a file was written: nothing half-written was published."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """ENOSPC / EDQUOT, as an OSError or as a native library's error that carries the OS message (safetensors'
+    and Arrow's writers raise their own types: "No space left on device (os error 28)")."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno in DISK_FULL
+    text = str(e)
+    return any(os.strerror(code) in text for code in DISK_FULL)
+
+
+@contextmanager
+def disk_full_named(path: str | Path, cleanup: str | Path | None = None) -> Iterator[None]:
+    """Turn ENOSPC / EDQUOT in the block into a DiskFullError naming `path`; `cleanup` (a temporary file or
+    directory) is removed first, so the space it held is given back and nothing partial is left."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        if cleanup is not None:
+            cleanup = Path(cleanup)
+            if cleanup.is_dir():
+                shutil.rmtree(cleanup, ignore_errors=True)
+            else:
+                cleanup.unlink(missing_ok=True)
+        raise DiskFullError(f"no space left on the device writing {path} ({e}): it was not "
+                            f"published, what was there before is unchanged; free some space and re-run the same "
+                            f"command to resume") from e
 
 
 def sha256_file(path: str | Path) -> str:
@@ -62,15 +102,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one, never a part."""
     path = Path(path)
     tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    with disk_full_named(path):
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        fsync_dir(path.parent)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -84,13 +125,14 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Non
 def publish_file(tmp: str | Path, path: str | Path) -> None:
     """Rename a file written elsewhere (e.g. by pyarrow) into place, durably."""
     tmp, path = Path(tmp), Path(path)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+    with disk_full_named(path, cleanup=tmp):
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
 
 
 def publish_dir(tmp: str | Path, final: str | Path) -> None:
@@ -100,7 +142,8 @@ def publish_dir(tmp: str | Path, final: str | Path) -> None:
     after: a crash in between leaves either the old directory, or the new one plus a `.old` leftover
     that the next publish removes."""
     tmp, final = Path(tmp), Path(final)
-    fsync_tree(tmp)
+    with disk_full_named(final, cleanup=tmp):
+        fsync_tree(tmp)  # where a filesystem reports a full disk late (NFS: at fsync), before anything moves
     aside = final.with_name(f".{final.name}.old")
     shutil.rmtree(aside, ignore_errors=True)
     if final.exists():

@@ -10,15 +10,18 @@ Nothing is pickled: tensors are safetensors, the pointer is JSON.
 """
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.artifacts import ArtifactError, atomic_write_json, fresh_tmp_dir, publish_dir, read_json
+from train.artifacts import (ArtifactError, atomic_write_json, disk_full_named, fresh_tmp_dir, publish_dir,
+                             read_json)
 
 POINTER = "checkpoint.json"
+CKPT_NAME = re.compile(r"ckpt-\d+")  # what a pointer may name: a directory of the run, never a path
 
 
 def save_checkpoint(run_dir: str | Path, step: int, files: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -26,8 +29,9 @@ def save_checkpoint(run_dir: str | Path, step: int, files: dict[str, dict[str, t
     run_dir = Path(run_dir)
     name = f"ckpt-{step:07d}"
     tmp = fresh_tmp_dir(run_dir / name)
-    for stem, tensors in files.items():
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / f"{stem}.safetensors")
+    with disk_full_named(run_dir / name, cleanup=tmp):  # a full disk: named, the pointer still on the last one
+        for stem, tensors in files.items():
+            save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, tmp / f"{stem}.safetensors")
     publish_dir(tmp, run_dir / name)
     atomic_write_json(run_dir / POINTER, {"step": step, "dir": name})
     _drop_others(run_dir, keep=name)
@@ -40,7 +44,11 @@ def load_checkpoint(run_dir: str | Path, device: torch.device | str = "cpu") -> 
     if not pointer.exists():
         return None
     info = read_json(pointer, "checkpoint pointer")
-    ckpt = run_dir / str(info.get("dir", ""))
+    name = info.get("dir")
+    if not isinstance(name, str) or not CKPT_NAME.fullmatch(name):  # "../../x", "/abs", "ckpt-1/../.."
+        raise ArtifactError(f"checkpoint pointer {pointer} names {name!r}, not a ckpt-<step> directory of {run_dir}: "
+                            f"nothing outside the run is read; delete {pointer} to restart the run")
+    ckpt = run_dir / name
     try:
         files = {f.stem: load_file(f, device=str(device)) for f in sorted(ckpt.glob("*.safetensors"))}
         if not files:

@@ -16,6 +16,12 @@ from contextlib import contextmanager
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+class ChorusError(ValueError):
+    """The base of every error Chorus raises for a problem the user can fix (bad input, a damaged or held file,
+    settings that cannot work); the message names it. `exit_on` prints these as one line and exits 2; any
+    other exception (a ValueError from a bug included) keeps its traceback."""
+
+
 def setup_logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format=LOG_FORMAT)
 
@@ -40,14 +46,13 @@ def sigterm_as_ctrl_c() -> None:
 
 @contextmanager
 def exit_on(*known: type[Exception]) -> Iterator[None]:
-    """Run the block (SIGTERM in it acts as Ctrl-C); a `known` error prints `error: <message>` to stderr and
-    exits with status 2."""
-    from train.artifacts import ArtifactError  # a damaged file or a held output directory: every stage's
-
+    """Run the block (SIGTERM in it acts as Ctrl-C); a ChorusError, or a `known` error, prints
+    `error: <message>` to stderr and exits with status 2. `known` is for a stage whose errors do not derive from
+    ChorusError yet; a bare ValueError there would hide real bugs behind one line."""
     sigterm_as_ctrl_c()
     try:
         yield
-    except (ArtifactError, *known) as e:
+    except (ChorusError, *known) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:

@@ -15,21 +15,24 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from train.artifacts import atomic_write_text
+from train.console import ChorusError
 
 log = logging.getLogger(__name__)
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".text")
 DEFAULT_CORPUS_PACKAGE = "python3.11-doc"
 DEFAULT_CORPUS_SUBDIR = "usr/share/doc/python3.11/html/_sources"
+APT_TIMEOUT_S = 300  # each apt-get call; a mirror that does not answer would otherwise hang the job forever
 
 
-class CorpusError(ValueError):
+class CorpusError(ChorusError):
     """The corpus is missing, empty or unreadable; the message names the file."""
 
 
@@ -120,6 +123,22 @@ def _read_file(path: Path) -> Iterator[str]:
         raise CorpusError(f"cannot read corpus file {path}: {type(e).__name__}: {e}") from e
 
 
+def _run_bounded(cmd: list[str], cwd: str) -> subprocess.CompletedProcess:
+    """Run an apt-get command for at most APT_TIMEOUT_S; past it, it and every process it started are killed and
+    the failure is named (CorpusError)."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: its download helpers die with it
+    try:
+        out, err = proc.communicate(timeout=APT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise CorpusError(f"`{' '.join(cmd)}` did not finish within {APT_TIMEOUT_S} s (no network, or a package mirror "
+                          f"that does not answer?): the default corpus could not be fetched; pass your own corpus "
+                          f"with --corpus") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def default_corpus(cache_dir: str | Path) -> Path:
     """Return the default corpus directory, fetching the Debian package into `cache_dir` if absent.
 
@@ -138,10 +157,10 @@ def default_corpus(cache_dir: str | Path) -> Path:
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
         log.info("fetching default corpus: Debian package %s", DEFAULT_CORPUS_PACKAGE)
         cmd = ["apt-get", "download", DEFAULT_CORPUS_PACKAGE]
-        res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        res = _run_bounded(cmd, tmp)
         if res.returncode != 0 and os.geteuid() == 0:
-            subprocess.run(["apt-get", "update", "-qq"], capture_output=True, text=True)
-            res = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+            _run_bounded(["apt-get", "update", "-qq"], tmp)
+            res = _run_bounded(cmd, tmp)
         debs = list(Path(tmp).glob("*.deb"))
         if res.returncode != 0 or not debs:
             raise CorpusError(f"could not fetch {DEFAULT_CORPUS_PACKAGE} with apt-get: {res.stderr.strip()[-500:]}")

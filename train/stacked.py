@@ -342,11 +342,11 @@ def train_stack(configs: list[TrainConfig], run_dirs: list[str | Path], progress
     if members:  # before anything is written: a stack too big for memory leaves no trace
         manifest = read_manifest(cfg.data_dir)
         check_memory(_llama_config(cfg, manifest), len(members), cfg.batch_size, cfg.context, available)
-    for c, d in zip(configs, run_dirs):
-        claim_run_dir(d, c.identity())
     with ExitStack() as locks:
         for d in run_dirs:
             locks.enter_context(OutputLock(d))
+        for c, d in zip(configs, run_dirs):  # under the locks: a job already holding a run dir finds it untouched
+            claim_run_dir(d, c.identity())
         members = _stack_members(configs, run_dirs, stack_dir)  # again, under the locks
         if members:
             _train([configs[i] for i in members], [run_dirs[i] for i in members], stack_dir, progress, peak_flops)
