@@ -5,6 +5,7 @@ and scripts that want the engine without HTTP. Callers that start engines need a
 """
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -24,6 +25,9 @@ def offline_engine(model_dir: str | Path, *, max_model_len: int | None = None, k
     """A `vllm.LLM` on an ensemble (or member) directory; its engine process is shut down on exit."""
     from vllm import LLM
 
+    from train.ray_session import NO_TELEMETRY_ENV
+
+    os.environ.update(NO_TELEMETRY_ENV)  # no vLLM usage reports from this engine or its processes
     llm = LLM(model=str(model_dir), dtype=engine_dtype(), max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_bytes,
               max_num_seqs=max_num_seqs, enforce_eager=enforce_eager, seed=seed, disable_log_stats=True)
     try:

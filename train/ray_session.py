@@ -15,12 +15,19 @@ starts listens on loopback only. Ray 2.60 gets there with three settings, none o
 Two listeners remain that Ray hard-codes to every interface: a Serve replica's inter-deployment gRPC server
 (`[::]:0`, see `keep_serve_replica_on_loopback`, called by a replica) and vLLM's own address for its
 engine processes (`VLLM_HOST_IP`, set here for the processes Ray starts).
+
+The local Ray is private: `address="local"` starts a new one even where `$RAY_ADDRESS` or a `ray start`
+cluster on this node would otherwise be joined (Ray's default for an address left out), and it requires
+Ray's token authentication (`RAY_AUTH_MODE=token`, Ray >= 2.52) with a token made for this process and held
+in its environment only (`RAY_AUTH_TOKEN`, which only this user's processes can read), not in a file: another
+local user who can reach its ports cannot use them. vLLM's usage telemetry is off in every process it starts.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
 import os
+import secrets
 import signal
 import threading
 from collections.abc import Iterator
@@ -33,7 +40,17 @@ LOOPBACK = "127.0.0.1"
 LOOPBACK_ENV = {
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # single-node: keep a loopback node IP as given
     "VLLM_HOST_IP": LOOPBACK,  # the address vLLM's engine processes bind and advertise
+    "RAY_ADDRESS": None,  # a cluster named there is not this one: its processes must not join it either
 }
+# vLLM reports usage to its authors unless told not to: off for every engine Chorus starts (Ray's workers inherit it).
+NO_TELEMETRY_ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+
+
+def private_ray_env() -> dict[str, str]:
+    """What a local Ray started here runs with, kept in this process's environment for its lifetime: token
+    authentication with this process's own token (kept if one is set already), and no telemetry."""
+    return {**NO_TELEMETRY_ENV, "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": os.environ.get("RAY_AUTH_TOKEN") or secrets.token_hex(32)}
 
 
 def is_loopback(host: str) -> bool:
@@ -47,10 +64,15 @@ def is_loopback(host: str) -> bool:
 
 
 @contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set environment variables for the block (the processes started in it keep them), then restore."""
+def _environment(values: dict[str, str | None]) -> Iterator[None]:
+    """Set (or, for None, unset) environment variables for the block (the processes started in it keep them),
+    then restore."""
     before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     try:
         yield
     finally:
@@ -64,34 +86,59 @@ def _environment(values: dict[str, str]) -> Iterator[None]:
 def connect_ray(address: str | None = None, num_cpus: int | None = None, *, dashboard: bool = False) -> bool:
     """Make sure this process is connected to Ray; True when this call started (or joined) it.
 
-    Without `address` a local Ray starts with every listening socket on loopback (see the module's notes);
+    Without `address` a private local Ray starts (never `$RAY_ADDRESS` or a `ray start` cluster on this node),
+    with token authentication and every listening socket on loopback (see the module's notes);
     `dashboard=True` adds Ray's dashboard, on 127.0.0.1 too."""
     import ray
     from ray._private import ray_constants
 
     if ray.is_initialized():
         return False
+    os.environ.update(NO_TELEMETRY_ENV)  # engines this process starts (a Serve replica sets it for its own)
     with _sigterm_handler_kept():
         if address:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
             log.info("joined the Ray cluster at %s", address)
             return True
         cpus = num_cpus or os.cpu_count()
+        use_token_auth()
         # ray_constants read the single-node switch when Ray was imported: set it for this call too.
         multi_node = ray_constants.ENABLE_RAY_CLUSTER
         ray_constants.ENABLE_RAY_CLUSTER = False
         try:
             with _environment(LOOPBACK_ENV):
-                ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK, log_to_driver=False,
-                         configure_logging=False, _node_ip_address=LOOPBACK)
+                # "local": a new Ray of our own, whatever $RAY_ADDRESS or /tmp/ray/ray_current_cluster point to
+                ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host=LOOPBACK,
+                         log_to_driver=False, configure_logging=False, _node_ip_address=LOOPBACK)
         finally:
             ray_constants.ENABLE_RAY_CLUSTER = multi_node
     node_ip = ray.util.get_node_ip_address()
     if not is_loopback(node_ip):  # a Ray that would listen on the network: stop it rather than run it
         ray.shutdown()
         raise RuntimeError(f"the local Ray came up on {node_ip}, not on loopback: refusing to run it")
-    log.info("started a local Ray on %s (%s CPUs, session %s)", node_ip, cpus, session_dir())
+    if not token_auth_enabled():
+        ray.shutdown()
+        raise RuntimeError("the local Ray came up without token authentication: refusing to run it")
+    log.info("started a local Ray on %s (%s CPUs, token authentication, session %s)", node_ip, cpus, session_dir())
     return True
+
+
+def use_token_auth() -> None:
+    """Token authentication with this process's token, for the Ray about to start here and this process's calls
+    to it (kept in the environment: later calls need the token too). Ray reads RAY_AUTH_MODE into its cached
+    config when imported; it is refreshed here as Ray's own `_enable_token_auth` does."""
+    from ray._raylet import AuthenticationTokenLoader, Config
+
+    os.environ.update(private_ray_env())
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
+
+
+def token_auth_enabled() -> bool:
+    """Whether this process's Ray connection uses token authentication."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    return get_authentication_mode() == AuthenticationMode.TOKEN
 
 
 @contextmanager
