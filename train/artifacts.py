@@ -12,6 +12,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -22,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from train.console import ChorusError
+
+log = logging.getLogger(__name__)
 
 
 class ArtifactError(ChorusError):
@@ -193,6 +196,36 @@ def read_manifest(path: str | Path, fmt: str, what: str, missing: str | None = N
     return manifest
 
 
+def _mounts() -> list[tuple[str, str, list[str]]]:
+    """(mount point, filesystem type, options) of every mount, from /proc/mounts; empty where there is none."""
+    try:
+        lines = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return []
+    mounts = []
+    for line in lines:
+        fields = line.split()
+        if len(fields) >= 4:
+            point = fields[1].encode().decode("unicode_escape")  # /proc/mounts writes a space as \040
+            mounts.append((point, fields[2], fields[3].split(",")))
+    return mounts
+
+
+def host_local_lock(path: str | Path) -> str | None:
+    """Why an flock under `path` would hold on one host only, or None: an NFS mount with `nolock` or
+    `local_lock=flock|all`, or a Lustre mount with `localflock` (README, 'Locks on network filesystems')."""
+    resolved = str(Path(path).resolve())
+    inside = [m for m in _mounts() if resolved == m[0] or resolved.startswith(m[0].rstrip("/") + "/")]
+    if not inside:
+        return None
+    point, fstype, options = max(inside, key=lambda m: len(m[0]))
+    if fstype.startswith("nfs") and ("nolock" in options or "local_lock=flock" in options or "local_lock=all" in options):
+        return f"{fstype} mount {point} with {','.join(o for o in options if 'lock' in o)}"
+    if fstype == "lustre" and "localflock" in options:
+        return f"lustre mount {point} with localflock"
+    return None
+
+
 class OutputLock:
     """An exclusive lock on an output directory, held for a job's lifetime (`with OutputLock(out): ...`).
 
@@ -214,6 +247,11 @@ class OutputLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
+            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                raise ArtifactError(f"the filesystem of {self.out_dir} does not support locks ({e.strerror}; Lustre "
+                                    f"mounted without -o flock, NFS without its lock manager): two jobs on one output "
+                                    f"could not be told apart; use an output directory on a local disk or a "
+                                    f"filesystem with locks (README, 'Locks on network filesystems')") from None
             if e.errno not in (errno.EAGAIN, errno.EACCES):
                 raise
             try:
@@ -227,6 +265,9 @@ class OutputLock:
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "job": self.job}).encode())
         self._fd = fd
+        if reason := host_local_lock(self.out_dir):
+            log.warning("%s: the lock on this output directory holds on this host only (%s): a job on another "
+                        "host would not see it; run one job per output directory", self.out_dir, reason)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -209,6 +209,34 @@ def test_train_stack_takes_its_locks_before_writing_anything(tiny_dataset, tmp_p
     assert all((run / "result.json").exists() for run in runs)
 
 
+# ---- locks on filesystems where they cannot hold ------------------------------------------------------
+
+def test_a_filesystem_without_locks_is_refused_by_name(tmp_path, monkeypatch):
+    with OutputLock(tmp_path / "out"):  # the control: a local disk locks
+        pass
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+
+    monkeypatch.setattr(artifacts.fcntl, "flock", no_locks)  # what Lustre without -o flock answers
+    with pytest.raises(ArtifactError, match="does not support locks"):
+        with OutputLock(tmp_path / "out"):
+            pass
+
+
+@pytest.mark.parametrize("fstype, options, host_local", [
+    ("nfs4", "rw,vers=4.2", False), ("nfs", "rw,vers=3,nolock", True), ("nfs4", "rw,local_lock=flock", True),
+    ("nfs4", "rw,local_lock=none", False), ("lustre", "rw,flock", False), ("lustre", "rw,localflock", True),
+    ("ext4", "rw", False)])
+def test_a_lock_that_holds_on_one_host_only_is_warned_about(tmp_path, monkeypatch, caplog, fstype, options, host_local):
+    monkeypatch.setattr(artifacts, "_mounts", lambda: [("/", "ext4", ["rw"]), (str(tmp_path), fstype, options.split(","))])
+    with caplog.at_level("WARNING", logger="train.artifacts"):
+        with OutputLock(tmp_path / "out"):
+            pass
+    warned = [r.getMessage() for r in caplog.records if "holds on this host only" in r.getMessage()]
+    assert bool(warned) == host_local, (fstype, options, warned)
+
+
 # ---- the default corpus's package fetch -----------------------------------------------------------
 
 def test_a_hanging_apt_get_is_cut_off_and_named(tmp_path, monkeypatch):
