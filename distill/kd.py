@@ -26,6 +26,7 @@ from train.data import IGNORE_INDEX
 # the k tokens are masked out of the tail with a finite floor, not -inf: with k = V every entry is masked and
 # logsumexp over -inf alone has a NaN gradient
 MASKED = -1e30
+TAIL_FLOOR = 1e-6
 
 
 def bucket_log_probs(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -36,8 +37,12 @@ def bucket_log_probs(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor
 
 
 def teacher_buckets(logprobs: torch.Tensor, tail: torch.Tensor) -> torch.Tensor:
-    """The teacher's stored top-k log-probs [..., k] and tail mass [...] -> bucketed log-probs [..., k + 1]."""
-    return torch.cat([logprobs.float(), tail.float().clamp_min(0).log().unsqueeze(-1)], dim=-1)
+    """The teacher's stored top-k log-probs [..., k] and tail mass [...] -> bucketed log-probs [..., k + 1].
+
+    A tail under TAIL_FLOOR is 0: it is 1 - (a sum of float32 probabilities), so rounding alone leaves ~1e-7 where
+    the top-k hold everything, and against a student whose tail is truly empty (k = V) that noise would dominate."""
+    tail = torch.where(tail >= TAIL_FLOOR, tail.float(), torch.zeros_like(tail, dtype=torch.float32))
+    return torch.cat([logprobs.float(), tail.log().unsqueeze(-1)], dim=-1)
 
 
 def bucket_kl(teacher: torch.Tensor, student: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

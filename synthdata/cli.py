@@ -1,4 +1,4 @@
-"""Command line for synthdata/: `python -m synthdata {generate,check} --help`."""
+"""Command line for synthdata/: `python -m synthdata {generate,annotate,check} --help`."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser(
+        "annotate", help="store a teacher's top-k next-token log-probs over a dataset's training windows",
+        description="Run the training windows of a train/ dataset (the first --tokens tokens, cut at --context, as a "
+                    "student sees them) through the teacher (vLLM prompt log-probs) and store its --topk most likely "
+                    "next tokens, their log-probs and the tail mass at every position in --out, for a soft-label "
+                    "student (`python -m distill --annotations OUT --blend B`). Resumable and exactly-once like "
+                    "`generate`; a finished job is not redone.")
+    p.add_argument("--teacher", required=True, help="teacher model directory (a packed ensemble, or a member)")
+    p.add_argument("--data-dir", required=True, help="train/ dataset directory (`python -m train data`)")
+    p.add_argument("--context", type=int, required=True, help="the student's context (window length)")
+    p.add_argument("--tokens", type=int, required=True,
+                   help="training tokens to annotate: the student's budget D (a smaller D reuses a prefix)")
+    p.add_argument("--topk", type=int, default=32, help="teacher tokens kept per position (default 32)")
+    p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
+    p.add_argument("--windows-per-shard", type=int, default=256, help="windows per shard, the unit of resume (default 256)")
+    p.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
+    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache of the engine on CPU, GiB (default 1)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_annotate)
+
     p = sub.add_parser("check", help="check a job's samples against the teacher's PyTorch reference",
                        description="Compares the engine's reported log-probs with serve/'s reference ensemble and "
                                    "tests that sampled tokens have the reference's expected log-prob (z-score).")
@@ -64,6 +84,15 @@ def cmd_generate(args) -> dict:
                          address=args.address, kv_cache_gib=args.kv_cache_gib, progress=not args.no_progress,
                          endpoint=args.endpoint, max_restarts=args.max_restarts, topk=args.topk)
     return generate(cfg)
+
+
+def cmd_annotate(args) -> dict:
+    from synthdata.annotate import AnnotateConfig, annotate
+
+    return annotate(AnnotateConfig(teacher=args.teacher, data_dir=args.data_dir, out=args.out, context=args.context,
+                                   tokens=args.tokens, topk=args.topk, windows_per_shard=args.windows_per_shard,
+                                   kv_cache_gib=args.kv_cache_gib, address=args.address,
+                                   progress=not args.no_progress))
 
 
 def cmd_check(args) -> dict:

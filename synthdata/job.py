@@ -178,13 +178,24 @@ def job_record(cfg: GenerateConfig, teacher: Teacher, settings: SamplingSettings
 
 # ---- manifest ----------------------------------------------------------------------------------
 
-def read_manifest(out: str | Path) -> dict:
+@dataclass(frozen=True)
+class ShardedOutput:
+    """A kind of sharded job output: a manifest of its format and shard-NNNNN.parquet files (generation jobs here,
+    teacher annotations in synthdata/annotate.py share the manifest handling and repairs)."""
+    format: str
+    what: str
+
+
+SYNTHETIC = ShardedOutput(MANIFEST_FORMAT, "synthetic data")
+
+
+def read_manifest(out: str | Path, kind: ShardedOutput = SYNTHETIC) -> dict:
     path = Path(out) / "manifest.json"
-    return read_json_manifest(path, MANIFEST_FORMAT, "Chorus synthetic-data manifest",
-                              f"no synthetic data at {out}: {path} is missing", JobError)
+    return read_json_manifest(path, kind.format, f"Chorus {kind.what} manifest",
+                              f"no {kind.what} at {out}: {path} is missing", JobError)
 
 
-def open_job(out: Path, job: dict) -> dict:
+def open_job(out: Path, job: dict, kind: ShardedOutput = SYNTHETIC) -> dict:
     """The job's manifest: new, or the existing one after checking it is the same job and repairing it.
 
     Repairs (each logged with the file's name): temp files deleted; recorded shards that are missing or
@@ -192,13 +203,13 @@ def open_job(out: Path, job: dict) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "manifest.json"
     if not path.exists():
-        manifest = {"format": MANIFEST_FORMAT, "job": job, "shards": []}
+        manifest = {"format": kind.format, "job": job, "shards": []}
         atomic_write_json(path, manifest)
         return manifest
-    manifest = read_manifest(out)
+    manifest = read_manifest(out, kind)
     if manifest["job"] != job:
         diff = sorted(k for k in set(job) | set(manifest["job"]) if job.get(k) != manifest["job"].get(k))
-        raise JobError(f"{out} holds another generation job (differs in: {', '.join(diff)}); "
+        raise JobError(f"{out} holds another {kind.what} job (differs in: {', '.join(diff)}); "
                        "use another --out or delete it")
     for tmp in sorted(out.glob("*.tmp")):
         log.warning("deleting %s: a file left half-written by an interrupted run", tmp.name)

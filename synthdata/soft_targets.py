@@ -62,7 +62,7 @@ class SoftTargets:
 
     @property
     def k(self) -> int:
-        return self.ids.shape[1]
+        return self.ids.shape[-1]
 
     def __len__(self) -> int:
         return len(self.valid)
