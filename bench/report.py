@@ -214,6 +214,7 @@ def story_section(results: dict, a) -> list[str]:
         rows.append(["control: student recipe, real data only", f"{d['control'][0]['epochs']} epochs, same steps",
                      len(d["control"]), f"{_mean(d['control']):.4f}", _seeds(d["control"]),
                      gain_text(g["synthetic"]) + " (control - student)" if "synthetic" in g else "n/a"])
+    rows += soft_rows(d, g)
     out = [f"## The story at N = {n} ({s['params']:,} non-embedding parameters), D = {p['tokens']:,} tokens\n",
            markdown_table(["model", "epochs / lr / wd", "seeds", "loss (mean)", "each seed", "gain, 95% interval over seeds"],
                           rows),
@@ -225,7 +226,11 @@ def story_section(results: dict, a) -> list[str]:
                       ("ensemble", "The ensemble beats its members"),
                       ("student", "The distilled student beats the members it was distilled from"),
                       ("self", "Self-distillation beats its teacher"),
-                      ("synthetic", "Synthetic tokens beat the same steps on real data")):
+                      ("synthetic", "Synthetic tokens beat the same steps on real data"),
+                      ("soft_student", "The soft-label student beats the best single model of its size"),
+                      ("soft_vs_ensemble", "The soft-label student beats the ensemble it learned from"),
+                      ("soft_teacher", "The teacher's soft labels beat the same schedule on real data alone"),
+                      ("soft_self", "Soft-label self-distillation beats its teacher")):
         if key in g:
             lo, hi = g[key].interval
             shown = "shown" if lo > 0 else ("NOT shown: the interval includes 0" if hi >= 0 else
@@ -237,13 +242,42 @@ def story_section(results: dict, a) -> list[str]:
                         f"({gain_text(over_best) if over_best else 'n/a'}), so there is no share of it for the "
                         "student to keep.")
     elif "kept" in g:
-        k = g["kept"]
-        lo, hi = k.interval
-        verdicts.append(f"- The student keeps {percent(k.value)} of the ensemble's gain over the best single model "
-                        f"of its size (the regularized recipe's seeds; 95% interval "
-                        f"{'n/a' if not k.interval.defined else f'{percent(lo)} to {percent(hi)}'}; the paper: 83%"
-                        f"{'' if k.value <= 1 else '; above 100%: the student beats the ensemble itself'}).")
+        verdicts.append(kept_text("student", g["kept"], "the paper: 83%"))
+    if "soft_kept" in g:
+        verdicts.append(kept_text("soft-label student", g["soft_kept"], "the paper's sequence-level student: 83%"))
     return out + ["\n".join(verdicts) + "\n"]
+
+
+def kept_text(who: str, k, paper: str) -> str:
+    lo, hi = k.interval
+    return (f"- The {who} keeps {percent(k.value)} of the ensemble's gain over the best single model of its size (the "
+            f"regularized recipe's seeds; 95% interval "
+            f"{'n/a' if not k.interval.defined else f'{percent(lo)} to {percent(hi)}'}; {paper}"
+            f"{'' if k.value <= 1 else '; above 100%: the student beats the ensemble itself'}).")
+
+
+def soft_rows(d: dict, g: dict) -> list[list]:
+    """The story table's soft-label rows (bench.study.soft_gains): students, self-distilled students, control."""
+    r = d.get("soft_recipe")
+    if not r:
+        return []
+    how = f"{r['epochs']} real epochs / {r['lr']:g} / {r['wd']:g}"
+    rows = []
+    if d.get("soft"):
+        rows.append([f"soft-label student ({d['preset']}, top-{r['topk']}, blend {r['blend']:g}, w = {r['w']:g})", how,
+                     len(d["soft"]), f"{_mean(d['soft']):.4f}", _seeds(d["soft"]),
+                     gain_text(g["soft_student"]) + " vs the best single model of its size"
+                     if "soft_student" in g else "n/a"])
+    if d.get("soft-self"):
+        rows.append(["soft-label self-distilled students", "one member teaches each, " + how, len(d["soft-self"]),
+                     f"{_mean(d['soft-self']):.4f}", _seeds(d["soft-self"]),
+                     gain_text(g["soft_self"]) + " vs its own teacher" if "soft_self" in g else "n/a"])
+    if d.get("control-soft"):
+        c = d["control-soft"]
+        rows.append(["control: soft recipe's schedule, real data only (CE)", f"{c[0]['epochs']} epochs, same steps",
+                     len(c), f"{_mean(c):.4f}", _seeds(c),
+                     gain_text(g["soft_teacher"]) + " (control - soft-label student)" if "soft_teacher" in g else "n/a"])
+    return rows
 
 
 def baseline_sizes_text(results: dict) -> str:
@@ -521,12 +555,20 @@ def search_section(results: dict) -> list[str]:
 
 def distill_section(results: dict) -> list[str]:
     d = results.get("distill")
-    if not d or not d.get("ensemble"):
+    kinds = ("ensemble", "self", "soft", "soft-self")
+    if not d or not any(d.get(k) for k in kinds):
         return []
     rows = [[recipe, r["seed"], r["teacher_members"], r["synthetic_generated"], f"{r['synthetic_passes']:.2f}",
-             r["steps"], f"{r['val_loss']:.4f}"] for recipe in ("ensemble", "self") for r in d.get(recipe, [])]
+             r["steps"], f"{r['val_loss']:.4f}"] for recipe in kinds for r in d.get(recipe, [])]
+    soft = d.get("soft_recipe")
+    how = [] if not soft else [
+        f"Soft-label students (distill --blend): loss = {1 - soft['blend']:g} x CE + {soft['blend']:g} x KL(teacher "
+        f"top-{soft['topk']} + tail || student) on real rows (the teacher's annotations of the training windows, "
+        f"synthdata annotate) and synthetic rows (synthdata generate --topk), synthetic share w = {soft['w']:g}, "
+        f"{soft['epochs']} real epochs, lr {soft['lr']:g}, wd {soft['wd']:g}; synthetic budget by the same rule: "
+        f"{soft['synthetic_tokens']:,} tokens.\n\n"]
     return ["## Distillation (synthdata + distill)\n",
-            f"Synthetic budget rule: {d['synthetic_tokens_rule']}.\n\n",
+            f"Synthetic budget rule: {d['synthetic_tokens_rule']}.\n\n", *how,
             markdown_table(["recipe", "student seed", "teacher members", "synthetic tokens", "passes over them",
                             "steps", "val loss"], rows)]
 

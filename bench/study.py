@@ -95,6 +95,16 @@ class StudyProfile:
     checkpoint_every: int = 50
     limits: tuple[tuple[float, float], ...] | None = None  # how far the search may extend each grid
     max_rounds: int = 20
+    # soft-label distillation (distill --blend): students of distill_preset on real rows annotated by the teacher
+    # (synthdata annotate) and synthetic rows carrying its top-k (synthdata generate --topk)
+    soft_students: int = 0  # seeds distilled from the ensemble
+    soft_self_teachers: int = 0  # single members (seeds 0..) that each teach one soft-label student of their size
+    soft_control: bool = False  # the soft recipe's schedule on real data only, cross-entropy alone, same steps
+    soft_epochs: int = 32
+    soft_w: float = 0.25
+    soft_blend: float = 0.5
+    soft_wd: float = 0.8
+    topk: int = 32
 
 
 def _as_tuple(v):
@@ -144,6 +154,14 @@ def check_profile(p: StudyProfile, where: Path | str) -> None:
         bad("distill_w", "must be in [0, 1)")
     if p.self_teachers > p.seeds:
         bad("self_teachers", f"exceeds the seeds trained at the regularized optimum (seeds = {p.seeds})")
+    if p.soft_self_teachers > p.seeds:
+        bad("soft_self_teachers", f"exceeds the seeds trained at the regularized optimum (seeds = {p.seeds})")
+    if not 0 <= p.soft_w < 1:
+        bad("soft_w", "must be in [0, 1)")
+    if not 0 < p.soft_blend <= 1:
+        bad("soft_blend", "must be in (0, 1]")
+    if (p.soft_students or p.soft_self_teachers) and not p.distill_preset:
+        bad("soft_students", "needs distill_preset")
     if any(d <= 0 or d == p.tokens for d in p.budgets):
         bad("budgets", f"must be positive and other than the main budget tokens = {p.tokens} (it is added)")
     if p.limits is not None and (len(p.limits) != 3 or any(len(lim) != 2 for lim in p.limits)):
@@ -502,8 +520,6 @@ class Study:
 
     def phase_distill(self) -> None:
         from distill.student import DistillConfig, distill
-        from serve.pack import pack_ensemble
-        from synthdata.job import GenerateConfig, generate
 
         preset = self.p.distill_preset
         if not preset:
@@ -513,51 +529,105 @@ class Study:
         root.mkdir(parents=True, exist_ok=True)
         p = self.p
         budget = synthetic_budget(p.tokens, p.context, p.batch_size, p.student_epochs, p.distill_w)
+        soft_budget = synthetic_budget(p.tokens, p.context, p.batch_size, p.soft_epochs, p.soft_w) if p.soft_w else 0
         reg = self.results["search"][preset]["regularized"]
         student = dataclasses.replace(self.base_config(preset, p.tokens), epochs=p.student_epochs, lr=reg["lr"],
                                       weight_decay=p.student_wd)
+        soft_student = dataclasses.replace(student, epochs=p.soft_epochs, weight_decay=p.soft_wd)
         record = self.results.setdefault("distill", {})
         record.update({"preset": preset, "synthetic_tokens_rule": (
             f"(ceil({SYNTHETIC_MARGIN} x steps x batch x w) + 16) x context, steps = real windows x student epochs "
             f"/ (1 - w) / batch: {budget:,} tokens per teacher, fixed before the run"),
             "synthetic_tokens": budget, "w": p.distill_w, "student_epochs": p.student_epochs,
             "student_wd": p.student_wd, "student_lr": reg["lr"]})
-        teachers = [("ensemble", i, None) for i in range(p.student_seeds)]
-        teachers += [("self", i, i) for i in range(p.self_teachers)]
-        ensemble_dir = Path(self.results["serve"]["ensemble_dir"]) if "serve" in self.results else None
-        for recipe, i, member in teachers:
-            if recipe == "ensemble":
-                ensemble_dir = ensemble_dir or pack_ensemble(self.teacher_dirs(), root / "teacher-ensemble")
-                teacher, synth_dir, seed = ensemble_dir, root / "synthetic-ensemble", 1000 + i
-            else:
-                teacher = Path(members["regularized"][member]["model_dir"])  # a single model at the optimum
-                synth_dir, seed = root / f"synthetic-self-{member}", 2000 + i
-            self._release_ray()  # a local Ray of training workers would hold the cores the engine needs
-            summary = generate(GenerateConfig(teacher=str(teacher), tokens=budget, out=str(synth_dir),
-                                              shard_tokens=p.synthetic_shard_tokens, address=self.cfg.address))
-            run_dir = root / f"student-{recipe}-{i}"
+        if p.soft_students or p.soft_self_teachers:
+            record["soft_recipe"] = {"epochs": p.soft_epochs, "w": p.soft_w, "blend": p.soft_blend, "wd": p.soft_wd,
+                              "lr": reg["lr"], "topk": p.topk, "synthetic_tokens": soft_budget}
+
+        # (kind, index, teacher member or None, soft labels?): seq-level students, then soft-label ones
+        students = [("ensemble", i, None, False) for i in range(p.student_seeds)]
+        students += [("self", i, i, False) for i in range(p.self_teachers)]
+        students += [("soft", i, None, True) for i in range(p.soft_students)]
+        students += [("soft-self", i, i, True) for i in range(p.soft_self_teachers)]
+        for kind, i, member, soft in students:
+            teacher, name = self.distill_teacher(member)
+            synth_dir = self.synthetic_for(teacher, name, member, budget, soft_budget)
+            annotations = self.annotations_for(teacher, name) if soft else None
+            recipe = "ensemble" if member is None else "self"
+            seed = {"ensemble": 1000, "self": 2000, "soft": 4000, "soft-self": 5000}[kind] + i
+            cfg = DistillConfig(train=dataclasses.replace(soft_student if soft else student, seed=seed),
+                                synthetic_dir=str(synth_dir) if synth_dir else None, recipe=recipe,
+                                w=p.soft_w if soft else p.distill_w, blend=p.soft_blend if soft else 0.0,
+                                annotations=str(annotations) if annotations else None)
+            run_dir = root / f"student-{kind}-{i}"
             fresh = not (run_dir / "result.json").exists()
-            result = distill(DistillConfig(train=dataclasses.replace(student, seed=seed), synthetic_dir=str(synth_dir),
-                                           recipe=recipe, w=p.distill_w), run_dir)
+            result = distill(cfg, run_dir)
             self.trained += fresh
-            rows = record.setdefault(recipe, [])
+            rows = record.setdefault(kind, [])
             rows[:] = [r for r in rows if r["index"] != i] + [{
                 "index": i, "seed": seed, "teacher": str(teacher), "teacher_seed": member,
                 "teacher_members": 1 if member is not None else len(self.teacher_dirs()),
-                "synthetic_generated": summary["tokens"], "synthetic_passes": result["mixture"]["synthetic_passes"],
+                "synthetic_generated": result["mixture"]["synthetic_tokens"],
+                "synthetic_passes": result["mixture"]["synthetic_passes"],
                 "steps": result["steps"], "val_loss": result["val_loss"], "model_dir": result["model_dir"]}]
             rows.sort(key=lambda r: r["index"])
             self.save()
         if p.distill_control:  # the same student recipe on real data only, at the same number of optimizer steps
-            steps = record["ensemble"][0]["steps"]
-            real_windows = math.ceil((p.tokens - 1) / p.context)
-            per_epoch = math.ceil(real_windows / p.batch_size)
-            epochs = max(1, round(steps / per_epoch))
-            configs = [dataclasses.replace(student, epochs=epochs, seed=3000 + i) for i in range(p.student_seeds)]
-            records = self.train(configs, root / "control", "control")
-            record["control"] = [{"seed": c.seed, "epochs": epochs, "steps": per_epoch * epochs,
-                                  "val_loss": r["val_loss"]} for c, r in zip(configs, records)]
+            record["control"] = self.control(record["ensemble"][0]["steps"], student, root / "control", 3000,
+                                             p.student_seeds)
             self.save()
+        if p.soft_control and record.get("soft"):  # the soft recipe's schedule, CE on real data only, same steps
+            record["control-soft"] = self.control(record["soft"][0]["steps"], soft_student, root / "control-soft", 6000,
+                                                  p.soft_students)
+            self.save()
+
+    def distill_teacher(self, member: int | None) -> tuple[Path, str]:
+        """The packed ensemble (member None) or one member at the regularized optimum, and its short name."""
+        from serve.pack import pack_ensemble
+
+        if member is not None:
+            preset = self.p.distill_preset
+            return Path(self.results["members"][preset]["regularized"][member]["model_dir"]), f"self-{member}"
+        if "serve" in self.results:
+            return Path(self.results["serve"]["ensemble_dir"]), "ensemble"
+        return pack_ensemble(self.teacher_dirs(), self.out / "distill" / "teacher-ensemble"), "ensemble"
+
+    def synthetic_for(self, teacher: Path, name: str, member: int | None, budget: int, soft_budget: int) -> Path | None:
+        """The teacher's one synthetic job, sized for every student that reads it (sequence-level: `budget`, soft:
+        `soft_budget`) and carrying top-k when a soft student reads it; None when no student needs one."""
+        from synthdata.job import GenerateConfig, generate
+
+        p = self.p
+        seq = p.student_seeds if member is None else int(member < p.self_teachers)
+        soft = p.soft_students if member is None else int(member < p.soft_self_teachers)
+        tokens = max(budget if seq else 0, soft_budget if soft else 0)
+        if not tokens:
+            return None
+        out = self.out / "distill" / f"synthetic-{name}"
+        self._release_ray()  # a local Ray of training workers would hold the cores the engine needs
+        generate(GenerateConfig(teacher=str(teacher), tokens=tokens, out=str(out), shard_tokens=p.synthetic_shard_tokens,
+                                address=self.cfg.address, topk=p.topk if soft and p.soft_w else 0))
+        return out
+
+    def annotations_for(self, teacher: Path, name: str) -> Path:
+        from synthdata.annotate import AnnotateConfig, annotate
+
+        out = self.out / "distill" / f"annotations-{name}"
+        self._release_ray()
+        annotate(AnnotateConfig(teacher=str(teacher), data_dir=str(self.data_dir), out=str(out),
+                                context=self.p.context, tokens=self.p.tokens, topk=self.p.topk,
+                                address=self.cfg.address))
+        return out
+
+    def control(self, steps: int, student, ledger_dir: Path, seed0: int, seeds: int) -> list[dict]:
+        """A student's schedule on real data only (cross-entropy), at the same number of optimizer steps."""
+        p = self.p
+        per_epoch = math.ceil(math.ceil((p.tokens - 1) / p.context) / p.batch_size)
+        epochs = max(1, round(steps / per_epoch))
+        configs = [dataclasses.replace(student, epochs=epochs, seed=seed0 + i) for i in range(seeds)]
+        records = self.train(configs, ledger_dir, "control")
+        return [{"seed": c.seed, "epochs": epochs, "steps": per_epoch * epochs, "val_loss": r["val_loss"]}
+                for c, r in zip(configs, records)]
 
     def downstream_models(self) -> dict[str, list[str]]:
         """Each recipe's model at the largest N (distillation at its own size): name -> member dirs."""
@@ -567,7 +637,8 @@ class Study:
                   f"regularized ({top}, seed 0)": [m["regularized"][0]["model_dir"]],
                   f"ensemble K={self.p.k_max} ({top})": [r["model_dir"] for r in m["ensemble"]]}
         distilled = self.results.get("distill", {})
-        for recipe, label in (("ensemble", "student"), ("self", "self-distilled student")):
+        for recipe, label in (("ensemble", "student"), ("self", "self-distilled student"),
+                              ("soft", "soft-label student")):
             if distilled.get(recipe):
                 models[f"{label} ({distilled['preset']}, seed {distilled[recipe][0]['seed']})"] = [
                     distilled[recipe][0]["model_dir"]]
@@ -657,7 +728,9 @@ def evaluation_rows(results: dict) -> list[dict]:
     distilled = results.get("distill", {})
     if distilled.get("preset") in search:
         x = search[distilled["preset"]]["params"] / n_scale
-        for recipe, name in (("ensemble", "student:ensemble"), ("self", "student:self"), ("control", "control")):
+        for recipe, name in (("ensemble", "student:ensemble"), ("self", "student:self"), ("control", "control"),
+                             ("soft", "student:soft"), ("soft-self", "student:soft-self"),
+                             ("control-soft", "control:soft")):
             rows += [{"recipe": name, "x": x, "seeds": [r["seed"]], "loss": r["val_loss"]}
                      for r in distilled.get(recipe, [])]
     return rows
@@ -771,22 +844,61 @@ def story_gains(table, k_max: int, top_x: float, distill_x: float | None, n_boot
                 b, db = float(np.mean(best)), seed_mean_draws(best, n_boot, rng, (students,))
                 gains["ensemble_over_best"] = Gain(b - mk, Interval.from_draws(db - dk),
                                                    f"best single (regularized seeds' mean) - K={k_max} ensemble")
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    kept = (db - ds) / (db - dk)
-                gains["kept"] = Gain((b - s) / (b - mk) if b != mk else math.nan, Interval.from_draws(kept),
-                                     "(best single - student) / (best single - ensemble)")
+                gains["kept"] = kept_share(b, db, s, ds, mk, dk, "student")
             control = singles("control", distill_x)
             if len(control) > 1 and len(students) > 1:
                 gains["synthetic"] = Gain(float(np.mean(control)) - s,
                                           Interval.from_draws(seed_mean_draws(control, n_boot, rng, (students,))
                                                               - ds),
                                           "real-data-only control - student, same steps")
+        gains.update(soft_gains(singles, distill_x, mk, dk, k_max, n_boot, rng))
         selfs = singles("student:self", distill_x)
         if len(selfs) > 1:
             teachers = singles("regularized", distill_x)[: len(selfs)]  # teacher i is the optimum's seed i
             diffs = [t - s for t, s in zip(teachers, selfs)]
             gains["self"] = Gain(float(np.mean(diffs)), Interval.from_draws(seed_mean_draws(diffs, n_boot, rng)),
                                  f"teacher - its self-distilled student, {len(diffs)} teachers")
+    return gains
+
+
+def kept_share(best: float, best_draws: np.ndarray, student: float, student_draws: np.ndarray, ensemble: float,
+               ensemble_draws: np.ndarray, who: str) -> Gain:
+    """The share of the ensemble's gain over the best single model that a student keeps, with its interval."""
+    from bench.fits import Interval
+
+    with np.errstate(divide="ignore", invalid="ignore"):
+        draws = (best_draws - student_draws) / (best_draws - ensemble_draws)
+    return Gain((best - student) / (best - ensemble) if best != ensemble else math.nan, Interval.from_draws(draws),
+                f"(best single - {who}) / (best single - ensemble)")
+
+
+def soft_gains(singles, x: float, mk: float, dk: np.ndarray, k_max: int, n_boot: int,
+               rng: np.random.Generator) -> dict[str, Gain]:
+    """The soft-label students against the paper's baselines: the best single model of their size (the regularized
+    recipe's seeds), the K=k_max ensemble they learned from (mean mk, draws dk), and the real-data-only control at
+    the same steps; the share of the ensemble's gain kept; self-distillation with soft labels (teacher - student)."""
+    from bench.fits import Interval
+
+    gains = {}
+    softs, best = singles("student:soft", x), singles("regularized", x)
+    if softs and len(best) > 1:
+        sv, ds = float(np.mean(softs)), seed_mean_draws(softs, n_boot, rng, (best,))
+        b, db = float(np.mean(best)), seed_mean_draws(best, n_boot, rng, (softs,))
+        gains["soft_student"] = Gain(b - sv, Interval.from_draws(db - ds),
+                                     f"best single (regularized seeds' mean) - {len(softs)} soft-label students")
+        gains["soft_kept"] = kept_share(b, db, sv, ds, mk, dk, "soft-label student")
+        gains["soft_vs_ensemble"] = Gain(mk - sv, Interval.from_draws(dk - ds),
+                                         f"K={k_max} ensemble - soft-label students")
+        control = singles("control:soft", x)
+        if len(control) > 1:
+            gains["soft_teacher"] = Gain(float(np.mean(control)) - sv,
+                                         Interval.from_draws(seed_mean_draws(control, n_boot, rng, (softs,)) - ds),
+                                         "real-data-only control (same schedule, CE) - soft-label students")
+    selfs = singles("student:soft-self", x)
+    if len(selfs) > 1:
+        diffs = [t - s for t, s in zip(best, selfs)]  # teacher i is the optimum's seed i
+        gains["soft_self"] = Gain(float(np.mean(diffs)), Interval.from_draws(seed_mean_draws(diffs, n_boot, rng)),
+                                  f"teacher - its soft-label self-distilled student, {len(diffs)} teachers")
     return gains
 
 

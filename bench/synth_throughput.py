@@ -6,7 +6,10 @@
    enough BOS-only prompts for the budget, in a fresh process with the first replica's cores, WITHOUT
    per-request seeds: what a plain vLLM user runs;
 2. raw-seeded: the same with one seed per sequence, as the job sets them (what exactly-once costs the engine);
-3. the job (`synthdata.job.generate`) with each `--replicas` count, each into a fresh directory.
+3. the job (`synthdata.job.generate`) with each `--replicas` count, each into a fresh directory;
+4. with `--topk K`: the job at the first replica count storing the teacher's top-K at every position too (what
+   soft-label distillation costs the job: `topk_over_job`), and the bytes each stored token takes on disk with
+   and without the top-K columns.
 
 Every contender runs `--repeats` times (default 3); the order alternates between repeats (forward, then
 reversed, ...) so that none always runs first on a box whose load drifts. Each figure is the median, with the
@@ -64,15 +67,17 @@ def measure_raw(teacher_dir: str, tokens: int, settings: SamplingSettings, seede
     return {"sequences": n, "generated_tokens": generated, "seconds": seconds, "tokens_per_s": generated / seconds}
 
 
-def measure_job(teacher_dir: str, tokens: int, replicas: int, out: Path, shard_tokens: int) -> dict:
+def measure_job(teacher_dir: str, tokens: int, replicas: int, out: Path, shard_tokens: int, topk: int = 0) -> dict:
     shutil.rmtree(out, ignore_errors=True)
     summary = generate(GenerateConfig(teacher=teacher_dir, tokens=tokens, out=str(out), replicas=replicas,
-                                      shard_tokens=shard_tokens, progress=False))
+                                      shard_tokens=shard_tokens, progress=False, topk=topk))
     manifest = read_manifest(out)
     generated = summary["tokens"] - summary["sequences"]  # BOS is stored, not generated
     assert summary["tokens"] == manifest["job"]["tokens"]
-    return {"replicas": replicas, "shards": summary["shards"], "sequences": summary["sequences"],
-            "generated_tokens": generated, "seconds": summary["wall_s"], "tokens_per_s": generated / summary["wall_s"]}
+    disk = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
+    return {"replicas": replicas, "topk": topk, "shards": summary["shards"], "sequences": summary["sequences"],
+            "generated_tokens": generated, "seconds": summary["wall_s"], "tokens_per_s": generated / summary["wall_s"],
+            "bytes_per_stored_token": disk / summary["tokens"]}
 
 
 def summary(runs: list[dict]) -> dict:
@@ -80,13 +85,17 @@ def summary(runs: list[dict]) -> dict:
     return {"tokens_per_s": rates[len(rates) // 2], "spread_tokens_per_s": [rates[0], rates[-1]], "runs": runs}
 
 
-def run(teacher: str, tokens: int, work: Path, replicas: list[int], shard_tokens: int | None, repeats: int = 3) -> dict:
+def run(teacher: str, tokens: int, work: Path, replicas: list[int], shard_tokens: int | None, repeats: int = 3,
+        topk: int = 0) -> dict:
     settings = SamplingSettings(max_len=read_teacher(teacher).context)
     shard_tokens = shard_tokens or math.ceil(tokens / 4)
     contenders = {"raw": lambda: measure_raw(teacher, tokens, settings, seeded=False),
                   "raw-seeded": lambda: measure_raw(teacher, tokens, settings, seeded=True)}
     for r in replicas:
         contenders[f"job-{r}"] = lambda r=r: measure_job(teacher, tokens, r, work / f"replicas-{r}", shard_tokens)
+    if topk:
+        r = replicas[0]
+        contenders[f"job-{r}-topk{topk}"] = lambda: measure_job(teacher, tokens, r, work / "topk", shard_tokens, topk)
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for repeat in range(repeats):
         order = list(contenders) if repeat % 2 == 0 else list(reversed(contenders))
@@ -96,7 +105,13 @@ def run(teacher: str, tokens: int, work: Path, replicas: list[int], shard_tokens
     figures = {name: summary(r) for name, r in runs.items()}
     rate = {name: f["tokens_per_s"] for name, f in figures.items()}
     first_job = f"job-{replicas[0]}"
-    return {"teacher": str(Path(teacher).resolve()), "tokens": tokens, "shard_tokens": shard_tokens,
+    extra = {}
+    if topk:
+        with_topk = figures[f"{first_job}-topk{topk}"]
+        extra = {"topk": topk, "topk_over_job": rate[f"{first_job}-topk{topk}"] / rate[first_job],
+                 "bytes_per_stored_token": {"plain": figures[first_job]["runs"][0]["bytes_per_stored_token"],
+                                            f"topk{topk}": with_topk["runs"][0]["bytes_per_stored_token"]}}
+    return {**extra, "teacher": str(Path(teacher).resolve()), "tokens": tokens, "shard_tokens": shard_tokens,
             "cores": len(os.sched_getaffinity(0)), "repeats": repeats, "figures": figures,
             "seeding_cost": 1 - rate["raw-seeded"] / rate["raw"],  # share of raw throughput per-sequence seeds cost
             "job_over_raw": rate[first_job] / rate["raw"], "job_over_raw_seeded": rate[first_job] / rate["raw-seeded"],
@@ -112,12 +127,14 @@ def main() -> None:
     p.add_argument("--replicas", type=int, nargs="+", default=[1, 2], help="replica counts to run (default 1 2)")
     p.add_argument("--shard-tokens", type=int, help="shard quota (default: a quarter of --tokens)")
     p.add_argument("--repeats", type=int, default=3, help="runs of every contender; median and spread (default 3)")
+    p.add_argument("--topk", type=int, default=0,
+                   help="also run the job storing the teacher's top-K (synthdata generate --topk); default 0: off")
     args = p.parse_args()
     if min(args.tokens, args.repeats, *args.replicas) < 1:
         p.error("--tokens, --repeats and --replicas must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    print(json.dumps(run(args.teacher, args.tokens, Path(args.work), args.replicas, args.shard_tokens, args.repeats),
-                     indent=1))
+    print(json.dumps(run(args.teacher, args.tokens, Path(args.work), args.replicas, args.shard_tokens, args.repeats,
+                         args.topk), indent=1))
 
 
 if __name__ == "__main__":

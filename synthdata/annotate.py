@@ -38,7 +38,7 @@ from train.ray_session import connect_ray, disconnect_ray
 
 log = logging.getLogger(__name__)
 
-ANNOTATIONS = ShardedOutput("chorus.annotations.v1", "teacher annotations")
+ANNOTATIONS = ShardedOutput("chorus.annotations.v1", "teacher annotations", "annotation job")
 
 
 @dataclass(frozen=True)

@@ -81,8 +81,10 @@ class TeacherEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        # No per-request seed: the one sampled token is thrown away, and a seeded request whose long prompt is
+        # prefilled in chunks makes vLLM rewind its generator, which a CPU generator cannot do.
         params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=k, logprobs=k if last else None,
-                                flat_logprobs=True, detokenize=False, seed=0)
+                                flat_logprobs=True, detokenize=False)
         outputs = self.llm.generate([TokensPrompt(prompt_token_ids=[int(t) for t in s]) for s in sequences],
                                     params, use_tqdm=False)
         result = []

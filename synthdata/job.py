@@ -183,10 +183,11 @@ class ShardedOutput:
     """A kind of sharded job output: a manifest of its format and shard-NNNNN.parquet files (generation jobs here,
     teacher annotations in synthdata/annotate.py share the manifest handling and repairs)."""
     format: str
-    what: str
+    what: str  # what the directory holds
+    job: str  # what makes it
 
 
-SYNTHETIC = ShardedOutput(MANIFEST_FORMAT, "synthetic data")
+SYNTHETIC = ShardedOutput(MANIFEST_FORMAT, "synthetic data", "generation job")
 
 
 def read_manifest(out: str | Path, kind: ShardedOutput = SYNTHETIC) -> dict:
@@ -209,7 +210,7 @@ def open_job(out: Path, job: dict, kind: ShardedOutput = SYNTHETIC) -> dict:
     manifest = read_manifest(out, kind)
     if manifest["job"] != job:
         diff = sorted(k for k in set(job) | set(manifest["job"]) if job.get(k) != manifest["job"].get(k))
-        raise JobError(f"{out} holds another {kind.what} job (differs in: {', '.join(diff)}); "
+        raise JobError(f"{out} holds another {kind.job} (differs in: {', '.join(diff)}); "
                        "use another --out or delete it")
     for tmp in sorted(out.glob("*.tmp")):
         log.warning("deleting %s: a file left half-written by an interrupted run", tmp.name)

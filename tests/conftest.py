@@ -1,11 +1,23 @@
-"""Shared fixtures: a small real dataset and a few tiny trained members, built once per test session.
+"""Shared fixtures: a small dataset and a few tiny trained members, built once per test session.
 
-They read the Wikipedia corpus in ../shared/data (CI has it); tests that need them skip with the
-reason where it is absent.
+The core fixtures (`tiny_dataset` and everything built on it) are made from text generated in code
+(`train/synthetic_text.py`, seed 0: an English-like language with a Zipfian vocabulary, a grammar and
+per-document topics), so every clone builds them: nothing is read from ../shared and nothing is downloaded.
+
+../shared/data (the Wikipedia corpus, the eval sets) serves only extra tests that say so: they are marked
+`shared_data`, explicitly (`@pytest.mark.shared_data`) or by asking for the `wiki_corpus` or `eval_dir`
+fixture (conftest marks those tests at collection), and they skip with the reason where ../shared/data is
+absent (or wherever $CHORUS_SHARED_DATA points). `pytest -m shared_data` runs just them.
+
+A skip of any other test is a failure: the `pytest_runtest_makereport` hook below rewrites the skip report
+of a test not marked shared_data into a failure naming the skip's reason, so a fresh clone cannot pass by
+skipping its core tests. (An expected failure, `xfail`, is left alone; deselection with `-m` is not a skip.)
 """
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,12 +26,33 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CHORUS_SHARED_DATA", REPO.parent / "shared" / "data"))
 WIKI = SHARED_DATA / "corpus" / "enwiki2015_30k.jsonl.zst"
 EVAL_DIR = SHARED_DATA / "eval"
+SHARED_FIXTURES = frozenset({"wiki_corpus", "eval_dir"})  # a test asking for one is marked shared_data
+FIXTURE_CORPUS_CHARS, FIXTURE_CORPUS_SEED = 2_000_000, 0
 
 
 def require(path: Path) -> Path:
+    """`path` in ../shared/data, or a skip naming it; for tests marked shared_data only (see the docstring)."""
     if not path.exists():
         pytest.skip(f"needs {path} (../shared/data is absent on this machine)")
     return path
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m selects: `-m shared_data` sees the marks added here
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SHARED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.shared_data)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("shared_data") is None:
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = (f"a core test skipped ({reason}); only tests marked shared_data may skip "
+                           "(tests/conftest.py)")
 
 
 @pytest.fixture(scope="session")
@@ -28,12 +61,21 @@ def wiki_corpus() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_dataset(wiki_corpus, tmp_path_factory) -> Path:
-    """~2M characters of Wikipedia: a 2048-token BPE and ~450k training tokens."""
+def fixture_corpus(tmp_path_factory) -> Path:
+    """The generated corpus (JSON lines): ~2M characters, the same on every machine."""
+    from train.synthetic_text import write_corpus
+
+    return write_corpus(tmp_path_factory.mktemp("fixture_corpus") / "generated.jsonl", FIXTURE_CORPUS_CHARS,
+                        FIXTURE_CORPUS_SEED)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(fixture_corpus, tmp_path_factory) -> Path:
+    """The generated corpus as a dataset: a 2048-token BPE, ~480k training tokens, 20k validation tokens."""
     from train.data import DatasetSpec, prepare_dataset
 
     out = tmp_path_factory.mktemp("tiny_dataset")
-    prepare_dataset(DatasetSpec(corpus=(str(wiki_corpus),), vocab_size=2048, max_chars=2_000_000,
+    prepare_dataset(DatasetSpec(corpus=(str(fixture_corpus),), vocab_size=2048, max_chars=FIXTURE_CORPUS_CHARS,
                                 val_max_tokens=20_000), out)
     return out
 
@@ -54,7 +96,7 @@ def tiny_members(tiny_dataset, tmp_path_factory) -> list[Path]:
 
 # ---- synthdata/ and distill/ -------------------------------------------------------------------
 
-SYNTH_TOKENS, SYNTH_SHARD_TOKENS = 12_000, 1_500
+SYNTH_TOKENS, SYNTH_SHARD_TOKENS, SYNTH_TOPK = 12_000, 1_500, 8
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +122,7 @@ def synthetic_job(packed_teacher, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("synthetic") / "job"
     cmd = [sys.executable, "-m", "synthdata", "generate", "--teacher", str(packed_teacher),
            "--tokens", str(SYNTH_TOKENS), "--shard-tokens", str(SYNTH_SHARD_TOKENS), "--out", str(out),
-           "--no-progress"]
+           "--no-progress", "--topk", str(SYNTH_TOPK)]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     log_path = out.parent / "first-run.log"
     with open(log_path, "w") as log_file:
@@ -121,7 +163,7 @@ def tiny_ensemble(tiny_members, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def eval_dir() -> Path:
-    """../shared/data/eval: the zero-shot multiple-choice tasks (JSON lines)."""
+    """../shared/data/eval: the zero-shot multiple-choice tasks (JSON lines). Marks its tests shared_data."""
     return require(EVAL_DIR)
 
 
@@ -164,3 +206,52 @@ def kill_once_past_checkpoint(cmd: list[str], out: Path, timeout_s: float, **pop
 @pytest.fixture
 def kill_past_checkpoint():
     return kill_once_past_checkpoint
+
+
+# ---- a resume, not a restart -------------------------------------------------------------------------
+# On the CPU a run restarted from scratch ends with bit-identical weights, so equal weights cannot tell a resume
+# from a restart. The resumed process is therefore run under STEP_RECORDER, which records every training step
+# the process executes (train.trainer.lr_at is called once per step of a lone run, K times per step of a stack),
+# and the test checks that it executed exactly the steps after the checkpoint. CHORUS_TEST_IGNORE_CHECKPOINT=1
+# makes load_checkpoint find nothing: the negative control, a restart, which must fail that check.
+
+STEP_RECORDER = r"""
+import json, os, runpy, sys
+import train.stacked, train.trainer
+steps, real_lr_at = [], train.trainer.lr_at
+def lr_at(step, *args, **kwargs):
+    if not steps or steps[-1] != step:
+        steps.append(step)
+    return real_lr_at(step, *args, **kwargs)
+train.trainer.lr_at = train.stacked.lr_at = lr_at
+if os.environ.get("CHORUS_TEST_IGNORE_CHECKPOINT") == "1":
+    train.trainer.load_checkpoint = train.stacked.load_checkpoint = lambda *args, **kwargs: None
+try:
+    sys.argv = sys.argv[1:]
+    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
+finally:
+    with open(os.environ["CHORUS_TEST_STEPS"], "w") as f:
+        json.dump(steps, f)
+"""
+
+
+def run_recording_steps(cmd: list[str], record: Path, ignore_checkpoint: bool = False,
+                        **run_kwargs) -> tuple[subprocess.CompletedProcess, list[int]]:
+    """Run `cmd` ([python, "-m", module, *args]) as it is, but under STEP_RECORDER: (the process, the steps it
+    executed). `ignore_checkpoint`: the negative control (a load_checkpoint that returns None)."""
+    assert cmd[1] == "-m", cmd
+    env = {**run_kwargs.pop("env", os.environ), "CHORUS_TEST_STEPS": str(record)}
+    if ignore_checkpoint:
+        env["CHORUS_TEST_IGNORE_CHECKPOINT"] = "1"
+    proc = subprocess.run([cmd[0], "-c", STEP_RECORDER, *cmd[2:]], env=env, capture_output=True, text=True,
+                          **run_kwargs)
+    return proc, json.loads(record.read_text()) if record.exists() else []
+
+
+def assert_did_only_the_remaining_steps(steps: list[int], checkpoint_step: int, total: int) -> None:
+    """The resumed process executed steps checkpoint_step .. total-1, each once, and nothing before them."""
+    assert 0 < checkpoint_step < total, (checkpoint_step, total)
+    assert steps == list(range(checkpoint_step, total)), (
+        f"resumed from the checkpoint at step {checkpoint_step} of {total}, the process should have run only "
+        f"steps {checkpoint_step}..{total - 1}; it ran {len(steps)} steps "
+        f"({steps[0] if steps else '-'}..{steps[-1] if steps else '-'})")

@@ -174,3 +174,40 @@ def test_loader_refuses_corrupt_and_incomplete_data(synthetic_job, tmp_path):
     with pytest.raises(DataError, match="incomplete"):
         TokenShards.open(copy)
     assert TokenShards.open(copy, require_complete=False).tokens == 2 * SYNTH_SHARD_TOKENS
+
+
+def reference_topk_error(reference, sequences: list[np.ndarray], soft, k: int, last: bool) -> tuple[float, float]:
+    """Max |stored - reference| over the stored top-k log-probs (read at the stored ids), and the share of positions
+    whose stored top-k set is the reference's. `soft` is aligned with the concatenated sequences' positions."""
+    import torch
+
+    errors, same, pos = [], [], 0
+    for seq in sequences:
+        lp = reference.log_probs(torch.from_numpy(np.asarray(seq)[None]).long())[0]
+        n = len(seq) if last else len(seq) - 1
+        ids, lps = soft.ids[pos:pos + n], soft.logprobs[pos:pos + n]
+        errors.append(float(np.abs(lp[:n].gather(-1, torch.from_numpy(ids).long()).numpy() - lps).max()))
+        top = lp[:n].topk(k, dim=-1).indices.numpy()
+        same.append(np.mean([set(a) == set(b) for a, b in zip(top, ids)]))
+        pos += len(seq)
+    return max(errors), float(np.mean(same))
+
+
+def test_stored_topk_is_the_ensembles_and_not_one_members(synthetic_job, packed_teacher, tiny_members):
+    """--topk: every stored top-k equals serve's PyTorch reference ensemble within 1e-4 on the same sequences; the
+    same comparison against member 0 alone fails (the columns carry the ensemble, not any one member)."""
+    from serve.reference import ReferenceEnsemble
+    from conftest import SYNTH_TOPK
+
+    shards = TokenShards.open(synthetic_job["out"])
+    assert shards.topk == SYNTH_TOPK
+    soft = shards.soft_targets()
+    sequences = list(shards.sequences())
+    assert len(soft) == len(shards.stream()) and (~soft.valid).sum() == len(sequences)  # no target after a row
+    sample = sequences[:12]
+    error, same = reference_topk_error(ReferenceEnsemble.from_dir(packed_teacher), sample, soft, SYNTH_TOPK, False)
+    assert error < 1e-4 and same > 0.99, (error, same)
+    np.testing.assert_allclose(soft.tail[soft.valid], 1 - np.exp(soft.logprobs[soft.valid].astype(np.float64)).sum(-1),
+                               atol=1e-6)
+    error, _ = reference_topk_error(ReferenceEnsemble.from_members([tiny_members[0]]), sample, soft, SYNTH_TOPK, False)
+    assert error > 1e-2, error
