@@ -69,6 +69,31 @@ def test_story_says_not_shown_when_seeds_overlap():
     assert "The distilled student beats the members it was distilled from: NOT shown" in text
 
 
+def soft_results(reg, softs, control) -> dict:
+    results = main_results([5.50, 5.52, 5.49], reg, [5.40, 5.41])
+    results["distill"].update({
+        "soft_recipe": {"epochs": 32, "w": 0.25, "blend": 0.5, "wd": 0.8, "lr": 3e-3, "topk": 32,
+                        "synthetic_tokens": 1000},
+        "soft": [{"seed": 4000 + i, "val_loss": v} for i, v in enumerate(softs)],
+        "control-soft": [{"seed": 6000 + i, "epochs": 32, "steps": 320, "val_loss": v} for i, v in enumerate(control)]})
+    return results
+
+
+def test_story_puts_the_soft_label_student_beside_the_best_single_model_and_its_control():
+    results = soft_results([5.30, 5.32, 5.28], [5.20, 5.21], [5.60, 5.62])
+    text = "\n".join(story_section(results, analyze(results, 200)))
+    assert "| soft-label student (cpu-xs, top-32, blend 0.5, w = 0.25) |" in text
+    assert "| control: soft recipe's schedule, real data only (CE) |" in text
+    assert "The soft-label student beats the best single model of its size: shown" in text
+    assert "The teacher's soft labels beat the same schedule on real data alone: shown" in text
+    assert "The soft-label student keeps" in text
+    # negative control: soft students among the single models, the control among the students
+    results = soft_results([5.30, 5.32, 5.28], [5.29, 5.33], [5.28, 5.34])
+    text = "\n".join(story_section(results, analyze(results, 200)))
+    assert "The soft-label student beats the best single model of its size: NOT shown" in text
+    assert "The teacher's soft labels beat the same schedule on real data alone: NOT shown" in text
+
+
 @pytest.mark.parametrize("bad, message", [
     ({"seeds": 1}, "field 'seeds'"), ({"presets": ["cpu-nope"]}, "field 'presets'"),
     ({"distill_preset": "cpu-s"}, "field 'distill_preset'"), ({"colour": 1}, "unknown field(s) colour"),

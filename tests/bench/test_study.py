@@ -88,6 +88,11 @@ def test_micro_study_runs_every_phase_and_reports(micro_study):
     assert len({r["teacher"] for r in d["self"]}) == profile.self_teachers  # a different teacher each
     assert all(r["synthetic_passes"] <= 1 for r in d["ensemble"] + d["self"])  # no synthetic window used twice
     assert {r["steps"] for r in d["control"]} == {d["ensemble"][0]["steps"]}  # control: same optimizer steps
+    assert len(d["soft"]) == profile.soft_students and {r["steps"] for r in d["control-soft"]} == {d["soft"][0]["steps"]}
+    assert all(r["synthetic_passes"] <= 1 for r in d["soft"])  # the shared job was sized for the soft students too
+    synthetic = json.loads((out / "distill" / "synthetic-ensemble" / "manifest.json").read_text())["job"]
+    assert synthetic["soft_targets"]["k"] == profile.topk
+    assert "| soft-label student" in report and "| control: soft recipe's schedule" in report
 
 
 @pytest.mark.slow
