@@ -4,12 +4,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 from bench.downstream import ClozeItem, MultipleChoiceItem, encode_pair, evaluate_downstream, evaluate_items, read_task, score_requests
 from bench.evaluate import EvalError, load_model
-from train.data import load_tokenizer
+from train.data import load_tokenizer, load_tokens
 
 from conftest import EVAL_DIR, require
 
@@ -88,28 +89,96 @@ def _fits_window(tok, line: str, max_length: int) -> bool:
     return all(len(encode_pair(tok, c, x)[1]) <= max_length for c, x in pairs)
 
 
-@pytest.fixture(scope="module")
-def agreement_tasks(tiny_members, tmp_path_factory):
-    """The first items of PIQA (2 choices), BoolQ (long passages: truncated contexts) and LAMBADA (cloze).
+def generated_items(text: str, n: int, seed: int = 0) -> dict[str, tuple[list[dict], bool]]:
+    """Three tasks in the formats of PIQA (two choices), BoolQ (passages longer than the window: contexts cut from
+    the left) and LAMBADA (cloze), made from held-out generated text: {name: (records, cloze)}."""
+    sentences = [s.strip() for s in text.replace("\n", " ").split(".") if len(s.split()) >= 6]
+    rng = np.random.default_rng(seed)
+    mc, long, cloze = [], [], []
+    for i in range(n):
+        words, other = sentences[2 * i].split(), sentences[2 * i + 1].split()
+        cut = len(words) // 2
+        choices = [" ".join(words[cut:]) + ".", " ".join(other[len(other) // 2:]) + "."]
+        gold = int(rng.integers(2))
+        mc.append({"query": " ".join(words[:cut]), "choices": choices if gold == 0 else choices[::-1], "gold": gold})
+        passage_sentences = sentences[2 * n + 10 * i : 2 * n + 10 * i + 10]
+        passage = ". ".join(passage_sentences) + "."
+        word = rng.choice((passage_sentences if rng.integers(2) else sentences)[int(rng.integers(10))].split())
+        long.append({"query": f"{passage}\nQuestion: does the passage say {word}?\nAnswer:", "choices": ["no", "yes"],
+                     "gold": int(f" {word}" in passage)})
+        cloze.append({"context": " ".join(words[:-1]), "continuation": words[-1]})
+    return {"mc_halves": (mc, False), "long_passages": (long, False), "cloze_last_word": (cloze, True)}
+
+
+def shared_items() -> dict[str, tuple[list[dict], bool]]:
+    """The first items of PIQA, BoolQ and LAMBADA in ../shared/data/eval."""
+    return {name: ([json.loads(line) for line in require(EVAL_DIR / f"{name}.jsonl").read_text().splitlines()
+                    [: 2 * AGREEMENT_ITEMS]], name.startswith("lambada"))
+            for name in ("piqa", "boolq", "lambada_openai")}
+
+
+def write_agreement_tasks(root, tok, max_length: int, items: dict[str, tuple[list[dict], bool]]):
+    """Task files and lm-eval task YAMLs for AGREEMENT_ITEMS items of each task.
 
     Items with a choice longer than the model's window are left out here: lm-eval cannot score them
     (it stops with an assertion) and bench skips and counts them (test_too_long_choice_is_skipped)."""
-    root = tmp_path_factory.mktemp("agreement_tasks")
-    tok = load_tokenizer(tiny_members[0])
-    max_length = json.loads((tiny_members[0] / "config.json").read_text())["max_position_embeddings"]
     tasks = {}
-    for name in ("piqa", "boolq", "lambada_openai"):
-        lines = require(EVAL_DIR / f"{name}.jsonl").read_text().splitlines()[: 2 * AGREEMENT_ITEMS]
-        lines = [line for line in lines if _fits_window(tok, line, max_length)][:AGREEMENT_ITEMS]
+    for name, (records, cloze) in items.items():
+        lines = [line for line in map(json.dumps, records) if _fits_window(tok, line, max_length)][:AGREEMENT_ITEMS]
         path = root / f"{name}.jsonl"
         path.write_text("\n".join(lines) + "\n")
-        (root / f"chorus_{name}.yaml").write_text(_lm_eval_task_yaml(f"chorus_{name}", path, name.startswith("lambada")))
+        (root / f"chorus_{name}.yaml").write_text(_lm_eval_task_yaml(f"chorus_{name}", path, cloze))
         tasks[name] = path
     return root, tasks
 
 
+@pytest.fixture(scope="module")
+def generated_tasks(tiny_members, tiny_dataset, tmp_path_factory):
+    """Agreement tasks from the generated validation text (no model trained on it): every clone has them."""
+    tok = load_tokenizer(tiny_members[0])
+    text = tok.decode(load_tokens(tiny_dataset, "val").tolist(), skip_special_tokens=True)
+    max_length = json.loads((tiny_members[0] / "config.json").read_text())["max_position_embeddings"]
+    root, tasks = write_agreement_tasks(tmp_path_factory.mktemp("generated_tasks"), tok, max_length,
+                                        generated_items(text, AGREEMENT_ITEMS + 10))
+    long_contexts = [len(encode_pair(tok, item.query, " no")[0]) > max_length for item in read_task(tasks["long_passages"])]
+    assert sum(long_contexts) >= AGREEMENT_ITEMS // 2  # most passages are cut from the left, as BoolQ's are
+    return root, tasks
+
+
+@pytest.fixture(scope="module", params=["generated", pytest.param("shared", marks=pytest.mark.shared_data)])
+def agreement_tasks(request, tiny_members, tmp_path_factory):
+    """The generated tasks (core), and the real PIQA, BoolQ and LAMBADA items where ../shared/data has them."""
+    if request.param == "generated":
+        return request.getfixturevalue("generated_tasks")
+    tok = load_tokenizer(tiny_members[0])
+    max_length = json.loads((tiny_members[0] / "config.json").read_text())["max_position_embeddings"]
+    return write_agreement_tasks(tmp_path_factory.mktemp("shared_tasks"), tok, max_length, shared_items())
+
+
+def our_log_likelihoods(model_dir, task_file) -> list[list[float]]:
+    """bench's log-likelihood of every request of every item, in lm-eval's order (items, then choices)."""
+    model, tok = load_model([model_dir]), load_tokenizer(model_dir)
+    items = read_task(task_file)
+    if isinstance(items[0], ClozeItem):
+        requests = [[(i.context, i.target_delimiter + i.continuation)] for i in items]
+    else:
+        requests = [[(i.query, i.target_delimiter + c) for c in i.choices] for i in items]
+    flat = iter(score_requests(model, tok, [r for rs in requests for r in rs], progress=False))
+    return [[next(flat)[0] for _ in rs] for rs in requests]
+
+
+def max_ll_difference(ours: list[list[float]], theirs: list[list[float]]) -> float:
+    assert [len(x) for x in ours] == [len(x) for x in theirs]  # same items, same number of choices each
+    return max(abs(a - b) for xs, ys in zip(ours, theirs) for a, b in zip(xs, ys))
+
+
+LL_TOLERANCE = 1e-3  # per request, a sum of fp32 log-probs over the continuation's tokens
+
+
 def test_agrees_with_lm_evaluation_harness(tiny_members, agreement_tasks, tmp_path):
-    """lm-eval's own HF model and task runner on the same items: identical accuracy, matching log-likelihoods."""
+    """lm-eval's own HF model and task runner on the same items: identical accuracy, the same log-likelihood for
+    every request. Negative control: another member's log-likelihoods differ from lm-eval's by more than the
+    tolerance."""
     root, tasks = agreement_tasks
     ours = evaluate_downstream([tiny_members[0]], list(tasks.values()), batch_size=32, progress=False)
     script = (
@@ -130,7 +199,7 @@ def test_agrees_with_lm_evaluation_harness(tiny_members, agreement_tasks, tmp_pa
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
-    for name in tasks:
+    for name, path in tasks.items():
         ref = theirs["results"][f"chorus_{name}"]
         assert ours[name]["items"] == AGREEMENT_ITEMS
         assert ours[name]["acc"] == ref["acc"], name
@@ -138,15 +207,23 @@ def test_agrees_with_lm_evaluation_harness(tiny_members, agreement_tasks, tmp_pa
             assert ours[name]["acc_norm"] == ref["acc_norm"], name
         else:
             assert ours[name]["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-4), name
+        their_lls = theirs["lls"][f"chorus_{name}"]
+        worst = max_ll_difference(our_log_likelihoods(tiny_members[0], path), their_lls)
+        other = max_ll_difference(our_log_likelihoods(tiny_members[1], path), their_lls)
+        print(f"{name}: max |ll ours - ll lm-eval| {worst:.2e}; member 1 vs lm-eval's member 0 {other:.2e}")
+        assert worst <= LL_TOLERANCE, name
+        assert other > LL_TOLERANCE, name  # the control: the comparison sees another model
 
 
-def test_cli_downstream_and_bad_task(tiny_members, agreement_tasks, tmp_path):
-    _, tasks = agreement_tasks
+def test_cli_downstream_and_bad_task(tiny_members, generated_tasks, tmp_path):
+    _, tasks = generated_tasks
     ok = subprocess.run([sys.executable, "-m", "bench", "downstream", "--model", str(tiny_members[0]),
-                         "--task", str(tasks["piqa"]), "--limit", "10"], capture_output=True, text=True, timeout=300)
+                         "--task", str(tasks["mc_halves"]), "--limit", "10"], capture_output=True, text=True,
+                        timeout=300)
     assert ok.returncode == 0, ok.stderr
     record = json.loads(ok.stdout.strip().splitlines()[-1])
-    assert record["task"] == "piqa" and record["items"] == 10 and 0 <= record["acc"] <= 1
+    in_process = evaluate_downstream([tiny_members[0]], [tasks["mc_halves"]], limit=10, progress=False)["mc_halves"]
+    assert record["task"] == "mc_halves" and record["items"] == 10 and record["acc"] == in_process["acc"]
     bad = write_lines(tmp_path / "bad.jsonl", [{"query": "Q", "choices": ["a", "b"], "gold": 5}])
     run = subprocess.run([sys.executable, "-m", "bench", "downstream", "--model", str(tiny_members[0]),
                           "--task", str(bad)], capture_output=True, text=True, timeout=300)

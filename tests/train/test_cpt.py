@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _domain_corpus(path: Path, n: int = 300) -> Path:
-    """Text of another kind than the base's Wikipedia: Python-like code, made by code."""
+    """Text of another kind than the base's corpus: Python-like code, made by code."""
     rng = np.random.default_rng(0)
     names = ["value", "items", "total", "index", "result", "count", "name", "data"]
     docs = []
@@ -72,10 +72,12 @@ def test_continued_member_starts_from_the_base(tiny_members, cpt_dataset, tmp_pa
     result = train_member(cfg, tmp_path / "cpt", progress=False)
     first, expected = _first_step_loss(tmp_path / "cpt"), _batch0_loss(base, cfg)
     assert abs(first - expected) < 1e-5, (first, expected)
-    # negative control: the same run from random weights starts far from the base's loss
+    # negative control: the same run from random weights starts far (over 1000x the tolerance above) from the
+    # base's loss. (The base knows little about code: on the generated fixture corpus its loss there is near the
+    # uniform 7.62, so the gap to a random start is ~0.04 nats, not the ~1 a Wikipedia base gave.)
     scratch = train_member(dataclasses.replace(cfg, init_from=None, preset="cpu-xs"), tmp_path / "scratch",
                            progress=False)
-    assert abs(_first_step_loss(tmp_path / "scratch") - expected) > 0.5
+    assert abs(_first_step_loss(tmp_path / "scratch") - expected) > 1e-2
     # continued pre-training helps on the domain, and the member records what it continued from
     assert result["val_loss"] < scratch["val_loss"]
     run = json.loads((Path(result["model_dir"]) / "chorus_run.json").read_text())
