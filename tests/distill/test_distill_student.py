@@ -3,6 +3,7 @@ before any training (tokenizer, w, missing real data, empty synthetic data)."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from dataclasses import replace
@@ -15,6 +16,8 @@ from distill.mixture import MixtureBatches, mixture_steps
 from distill.student import DistillConfig, DistillError, distill
 from train.data import DatasetSpec, prepare_dataset
 from train.trainer import TrainConfig
+
+from conftest import assert_did_only_the_remaining_steps, run_recording_steps
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,21 +106,31 @@ def test_student_resumes_exactly_after_kill(tiny_dataset, synthetic_job, tmp_pat
     assert record["teacher_sha256"] == json.loads((synthetic / "manifest.json").read_text())["job"]["teacher_sha256"]
     assert record["w"] == 0.75 and record["teacher_members"] == 3 and len(record["synthetic_manifest_sha256"]) == 64
 
-    out = tmp_path / "killed"
+    out, control = tmp_path / "killed", tmp_path / "killed-control"
     kill_past_checkpoint(_distill_cmd(cfg, synthetic, out, 0.75), out, 300, cwd=REPO)
-    res = subprocess.run(_distill_cmd(cfg, synthetic, out, 0.75), cwd=REPO, capture_output=True, text=True,
-                         timeout=600)
+    checkpoint_step = json.loads((out / "checkpoint.json").read_text())["step"]  # read after the kill
+    shutil.copytree(out, control)
+    res, steps = run_recording_steps(_distill_cmd(cfg, synthetic, out, 0.75), tmp_path / "steps.json", cwd=REPO,
+                                     timeout=600)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "resumed" in res.stderr
     resumed = json.loads((out / "result.json").read_text())
     assert abs(resumed["val_loss"] - reference["val_loss"]) <= 1e-4
+    assert_did_only_the_remaining_steps(steps, checkpoint_step, reference["steps"])
+    # negative control: a re-run whose load_checkpoint finds nothing (a restart) fails the steps check
+    res, restart_steps = run_recording_steps(_distill_cmd(cfg, synthetic, control, 0.75), tmp_path / "control.json",
+                                             ignore_checkpoint=True, cwd=REPO, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert restart_steps == list(range(reference["steps"]))
+    with pytest.raises(AssertionError, match="should have run only"):
+        assert_did_only_the_remaining_steps(restart_steps, checkpoint_step, reference["steps"])
     assert json.loads((out / "mixture.json").read_text())["synthetic_rows"] == mixture["synthetic_rows"]
     assert (Path(resumed["model_dir"]) / "model.safetensors").exists()
 
 
 @pytest.fixture(scope="module")
 def other_tokenizer_dataset(tmp_path_factory) -> Path:
-    """A dataset whose BPE is trained on other text: its tokenizer hash differs from the Wikipedia one."""
+    """A dataset whose BPE is trained on other text: its tokenizer hash differs from tiny_dataset's."""
     root = tmp_path_factory.mktemp("other_tokenizer")
     corpus = root / "corpus"
     corpus.mkdir()

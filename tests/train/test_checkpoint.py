@@ -156,3 +156,38 @@ def test_resumed_moments_are_on_the_parameters_device(device):
         p.grad = torch.zeros_like(p)
     with pytest.raises((RuntimeError, NotImplementedError)):
         bad_opt.step()
+
+
+# The resume is a resume, not a restart: on the CPU a run restarted from scratch ends with the same weights as
+# the uninterrupted run, so the test above cannot tell the two apart. This one counts the steps the resumed call
+# executes (train.trainer.lr_at runs once per step); the control's load_checkpoint finds nothing and must fail.
+RESUMES_FROM = {"writing files": 5, "before publish": 5, "after publish, before pointer": 5,
+                "after pointer, before cleanup": FAULT_STEP}  # the step the pointer names after the fault
+
+
+@pytest.mark.parametrize("where", FAULTS + ["control: load_checkpoint finds nothing"])
+def test_resume_after_each_fault_runs_only_the_remaining_steps(where, tiny_dataset, tmp_path, monkeypatch):
+    import json
+
+    import train.trainer as trainer
+    from conftest import assert_did_only_the_remaining_steps
+
+    control = where.startswith("control")
+    run_dir = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        _kill_during(patch, FAULTS[0] if control else where)
+        with pytest.raises(Killed):
+            train_member(_cfg(tiny_dataset), run_dir, progress=False)
+    pointer_step = json.loads((run_dir / "checkpoint.json").read_text())["step"]
+    assert pointer_step == RESUMES_FROM[FAULTS[0] if control else where]
+    steps, real_lr_at = [], trainer.lr_at
+    monkeypatch.setattr(trainer, "lr_at", lambda step, *a, **k: steps.append(step) or real_lr_at(step, *a, **k))
+    if control:
+        monkeypatch.setattr(trainer, "load_checkpoint", lambda *a, **k: None)
+    result = train_member(_cfg(tiny_dataset), run_dir, progress=False)
+    if control:
+        assert steps == list(range(result["steps"]))  # a restart from step 0
+        with pytest.raises(AssertionError, match="should have run only"):
+            assert_did_only_the_remaining_steps(steps, pointer_step, result["steps"])
+    else:
+        assert_did_only_the_remaining_steps(steps, pointer_step, result["steps"])

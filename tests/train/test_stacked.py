@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from train.model import get_shape, llama_config
 from train.stacked import (StackedAdamW, StackedLlama, StackMemoryError, check_memory, clip_grad_norm_per_member,
                            estimate_memory, init_members, train_stack)
 from train.trainer import TrainConfig, configure_optimizer, train_member
+
+from conftest import assert_did_only_the_remaining_steps, run_recording_steps
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -184,9 +187,15 @@ def test_killed_stack_resumes_exactly(tiny_dataset, tmp_path):
     out, env = tmp_path / "killed", dict(os.environ, PYTHONPATH=str(REPO))
     killed_at = _kill_stack_past_checkpoint(_members_cmd(cfg, k, out), out, 300, env)
     assert killed_at >= 10
-    res = subprocess.run(_members_cmd(cfg, k, out), cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    (pointer,) = out.glob(".stack-*/checkpoint.json")
+    checkpoint_step = json.loads(pointer.read_text())["step"]  # read after the kill: what the resume must load
+    control = tmp_path / "killed-control"
+    shutil.copytree(out, control)
+    res, steps = run_recording_steps(_members_cmd(cfg, k, out), tmp_path / "steps.json", cwd=REPO, env=env,
+                                     timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resumed the stack" in res.stderr
+    assert_did_only_the_remaining_steps(steps, checkpoint_step, reference[0]["steps"])
     for s in range(k):
         resumed, uninterrupted = _weights(out / f"seed-{s}"), _weights(tmp_path / "uninterrupted" / f"seed-{s}")
         assert resumed.keys() == uninterrupted.keys()
@@ -201,6 +210,15 @@ def test_killed_stack_resumes_exactly(tiny_dataset, tmp_path):
     # negative control: the comparison sees a difference where there is one (the other member)
     other = _weights(tmp_path / "uninterrupted" / "seed-1")
     assert not all(torch.equal(v, other[n]) for n, v in _weights(out / "seed-0").items())
+    # negative control: a re-run whose load_checkpoint finds nothing (a restart) gives the same weights, but the
+    # steps check fails it
+    res, restart_steps = run_recording_steps(_members_cmd(cfg, k, control), tmp_path / "control.json",
+                                             ignore_checkpoint=True, cwd=REPO, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert torch.equal(_weights(control / "seed-0")["lm_head.weight"], _weights(out / "seed-0")["lm_head.weight"])
+    assert restart_steps == list(range(reference[0]["steps"]))
+    with pytest.raises(AssertionError, match="should have run only"):
+        assert_did_only_the_remaining_steps(restart_steps, checkpoint_step, reference[0]["steps"])
 
 
 # ---- memory -----------------------------------------------------------------------------------------
