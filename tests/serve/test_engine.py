@@ -4,8 +4,10 @@ Default run: the head layout on paper (GQA grouping stays member-local), and one
 with grouped-query attention (4 query heads, 2 KV heads): prompt log-probabilities within 1e-4 of the reference
 and the same greedy continuations. Slow run: K in {1, 2, 3, 4} x both combine rules on trained members, K=1
 against the member served alone, and GQA under the `probs` rule. Every comparison carries negative controls:
-the same reference with one weight perturbed, and with two members' layer-0 attention swapped (the member-axis
-mix-up a wrong head layout would make), must differ from the engine by far more than the tolerance.
+the same reference with one weight perturbed, with two members' layer-0 attention swapped (the member-axis
+mix-up a wrong head layout would make), and with the other combine rule, must differ from the engine by far more
+than the tolerance. The HTTP log-prob test's looser tolerance (1e-3, tests/serve/test_app.py) is shown here to
+tell the two combine rules apart on its own rows.
 """
 from __future__ import annotations
 
@@ -24,11 +26,13 @@ from train.model import Shape, llama_config
 
 TOLERANCE = 1e-4  # fp32 end to end
 NEW_TOKENS = 12  # greedy continuation length
+OTHER_RULE = {"logits": "probs", "probs": "logits"}
+HTTP_TOLERANCE = 1e-3  # tests/serve/test_app.py::test_prompt_logprobs_equal_reference
 
 
 @pytest.fixture(scope="module")
 def rows(tiny_dataset) -> list[list[int]]:
-    """Four rows of real validation text, 120 tokens each (the members' context is 128)."""
+    """Four rows of validation text (the generated corpus), 120 tokens each (the members' context is 128)."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     stream = load_tokens(tiny_dataset, "val")
     return [stream[i * 128 : i * 128 + 120].tolist() for i in range(4)]
@@ -91,6 +95,9 @@ def check_engine_against_reference(packed, rows, combine: str) -> dict:
         controls["members' layer-0 attention swapped"] = swap_layer0_attention
     control_diffs = {name: (engine - scores(variant(packed, combine, edit).log_probs(ids), ids)).abs().max().item()
                      for name, edit in controls.items()}
+    if reference.k > 1:  # the other combine rule: the engine must be told apart from it too
+        other = ReferenceEnsemble.from_dir(packed, combine=OTHER_RULE[combine])
+        control_diffs[f"the {OTHER_RULE[combine]} rule"] = (engine - scores(other.log_probs(ids), ids)).abs().max().item()
     print(f"K={reference.k} {combine}: engine vs reference max abs diff {diff:.2e}; negative controls "
           + ", ".join(f"{n} {d:.2e}" for n, d in control_diffs.items()))
     assert diff <= TOLERANCE
@@ -171,3 +178,17 @@ def test_k1_ensemble_equals_member_served_alone(tiny_members, rows, tmp_path):
     diff = (fused - alone).abs().max().item()
     print(f"K=1 ensemble vs member served alone: max abs diff {diff:.2e}")
     assert diff <= TOLERANCE and fused_greedy == alone_greedy
+
+
+def test_http_logprob_tolerance_tells_the_combine_rules_apart(tiny_ensemble, tiny_dataset):
+    """The negative control of test_app's HTTP log-prob test: on its rows (4 x 96 validation tokens, every 100th)
+    and its K=2 logit-averaged ensemble, the `probs` rule's log-probs differ from the `logits` rule's by more than
+    its tolerance, so an endpoint that combined with the wrong rule would fail it."""
+    stream = load_tokens(tiny_dataset, "val")
+    ids = torch.tensor([stream[i * 100 : i * 100 + 96].tolist() for i in range(4)])  # test_app's rows
+    right = ReferenceEnsemble.from_dir(tiny_ensemble)
+    assert right.combine == "logits" and right.k == 2
+    wrong = ReferenceEnsemble.from_dir(tiny_ensemble, combine="probs")
+    diff = (scores(right.log_probs(ids), ids) - scores(wrong.log_probs(ids), ids)).abs().max().item()
+    print(f"K=2 tiny ensemble: logits vs probs rule, max abs diff {diff:.2e} (HTTP tolerance {HTTP_TOLERANCE:g})")
+    assert diff > 10 * HTTP_TOLERANCE

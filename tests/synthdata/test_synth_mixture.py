@@ -1,14 +1,19 @@
-"""synthdata/ mixture mode: each sequence from one member drawn at random (one engine per member).
+"""synthdata/ mixture mode: each sequence from one member drawn at random (one engine per member); and the
+negative control of synthdata.check's calibration z-test (no engine).
 
-Slow: a replica is K engines (three here), which is more than the default suite should start."""
+The mixture test is slow: a replica is K engines (three here), which is more than the default suite should start."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from synthdata.job import GenerateConfig, generate, read_manifest
+from synthdata.check import sampling_check
+from synthdata.job import MANIFEST_FORMAT, GenerateConfig, generate, read_manifest
 from synthdata.teacher import member_dirs, read_teacher
 
 
@@ -38,3 +43,41 @@ def test_mixture_rows_come_from_their_drawn_member(packed_teacher, tmp_path, mon
             else:
                 other_member_gaps.append(gap)
     assert np.mean(other_member_gaps) > 3e-3  # the other members would have reported other log-probs
+
+
+def write_sampled_job(teacher_dir, out, temperature: float, sequences: int = 48, length: int = 72, seed: int = 0):
+    """A job directory as synthdata writes one (manifest + a shard of tokens, length, sample_logprob), its rows
+    sampled in PyTorch from the teacher's reference ensemble at `temperature`."""
+    from serve.reference import ReferenceEnsemble
+
+    reference = ReferenceEnsemble.from_dir(teacher_dir)
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.full((sequences, 1), reference.config.bos_token_id)
+    for _ in range(length - 1):
+        probs = (reference.log_probs(ids)[:, -1] / temperature).softmax(-1)
+        ids = torch.cat([ids, torch.multinomial(probs, 1, generator=generator)], 1)
+    logprob = reference.log_probs(ids)[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].double().sum(1)
+    out.mkdir(parents=True)
+    pq.write_table(pa.table({"tokens": ids.tolist(), "length": [length] * sequences, "sample_logprob": logprob.tolist()}),
+                   out / "shard-00000.parquet")
+    (out / "manifest.json").write_text(json.dumps({"format": MANIFEST_FORMAT, "job": {"temperature": temperature},
+                                                   "shards": [{"file": "shard-00000.parquet"}]}))
+    return out
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.9])
+def test_calibration_z_test_rejects_samples_from_another_distribution(packed_teacher, tmp_path, temperature):
+    """test_synth_job's calibration check (|z| < 4 over 48 sequences) passes samples drawn from the ensemble itself
+    (temperature 1, the harness is right) and fails samples from a distribution 10% sharper (temperature 0.9).
+
+    Samples from member 0 alone cannot serve as this control at this scale: the tiny members differ so little
+    that 48 sequences do not tell them from the ensemble's (|z| <= 1.7 measured over three seeds); the agreement
+    measurement catches member 0 instead (test_engine_samples_from_the_logit_averaged_ensemble)."""
+    job = write_sampled_job(packed_teacher, tmp_path / "job", temperature)
+    check = sampling_check(job, packed_teacher, sequences=48)
+    assert check["tokens"] == 48 * 71
+    if temperature == 1.0:
+        assert abs(check["calibration_z"]) < 4, check
+        assert check["mean_abs_logprob_diff_per_token"] < 1e-4, check  # rows recorded as synthdata records them
+    else:
+        assert check["calibration_z"] > 4, check  # sharper: sampled tokens more likely than the ensemble expects
