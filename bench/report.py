@@ -564,9 +564,10 @@ def distill_section(results: dict) -> list[str]:
     how = [] if not soft else [
         f"Soft-label students (distill --blend): loss = {1 - soft['blend']:g} x CE + {soft['blend']:g} x KL(teacher "
         f"top-{soft['topk']} + tail || student) on real rows (the teacher's annotations of the training windows, "
-        f"synthdata annotate) and synthetic rows (synthdata generate --topk), synthetic share w = {soft['w']:g}, "
-        f"{soft['epochs']} real epochs, lr {soft['lr']:g}, wd {soft['wd']:g}; synthetic budget by the same rule: "
-        f"{soft['synthetic_tokens']:,} tokens.\n\n"]
+        "synthdata annotate)" + (f" and synthetic rows (synthdata generate --topk), synthetic share w = {soft['w']:g} "
+                                 f"(synthetic budget by the same rule: {soft['synthetic_tokens']:,} tokens)"
+                                 if soft["w"] else ", no synthetic rows (w = 0)") +
+        f"; {soft['epochs']} real epochs, lr {soft['lr']:g}, wd {soft['wd']:g}.\n\n"]
     return ["## Distillation (synthdata + distill)\n",
             f"Synthetic budget rule: {d['synthetic_tokens_rule']}.\n\n", *how,
             markdown_table(["recipe", "student seed", "teacher members", "synthetic tokens", "passes over them",
