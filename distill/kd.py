@@ -23,16 +23,17 @@ import torch.nn.functional as F
 
 from train.data import IGNORE_INDEX
 
-# the k tokens are masked out of the tail with a finite floor, not -inf: with k = V every entry is masked and
-# logsumexp over -inf alone has a NaN gradient
-MASKED = -1e30
+TINY = 1e-30  # the student's tail when the k tokens hold (up to rounding) everything, e.g. k = V: log stays finite
 TAIL_FLOOR = 1e-6
 
 
 def bucket_log_probs(log_probs: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Full log-probs [..., V] -> bucketed [..., k + 1]: the k given tokens, then the rest as one bucket."""
+    """Full log-probs [..., V] -> bucketed [..., k + 1]: the k given tokens, then the rest as one bucket.
+
+    The rest is 1 - (the k probabilities), summed in float64: O(k) per position, where a logsumexp over the other
+    V - k entries would copy the whole [..., V] tensor once more (memory traffic the size of the logits)."""
     top = log_probs.gather(-1, ids.long())
-    rest = log_probs.scatter(-1, ids.long(), MASKED).logsumexp(-1, keepdim=True)
+    rest = (1 - top.double().exp().sum(-1, keepdim=True)).clamp_min(TINY).log().to(top.dtype)
     return torch.cat([top, rest], dim=-1)
 
 
