@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from serve.app import ServeError
+from serve.app import LIMIT_FLAGS, EnsembleConfig, ServeError
 from serve.pack import COMBINE_RULES, PackError, pack_ensemble
 from train.console import exit_on, setup_logging
 
@@ -52,7 +52,8 @@ def cmd_up(args) -> None:
                             api_key=api_key_from(args), host=args.host, port=args.port,
                             allow_unauthenticated=args.allow_unauthenticated, max_model_len=args.max_model_len,
                             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
-                            enforce_eager=not args.compile, max_replicas_per_node=args.max_replicas_per_node)
+                            enforce_eager=not args.compile, max_replicas_per_node=args.max_replicas_per_node,
+                            **{name: getattr(args, name) for name in LIMIT_FLAGS})
     try:
         url = start_app(config, address=args.address)  # a start cut short by Ctrl-C/SIGTERM tears itself down
         print(f"serving {config.model_name!r} at {url}/v1 (Ctrl-C or SIGTERM to stop)", flush=True)
@@ -103,6 +104,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per replica in GiB (default 1)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched at once per replica (default 64)")
     p.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model (slow start; default eager)")
+    limits = p.add_argument_group("limits", "what one request may ask for (past a limit: a 4xx naming it and the flag "
+                                            "that raises it), how long it may take, and how many may wait")
+    d = EnsembleConfig(model_dir="")
+    limits.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                        help=f"request body size (413 past it; default {d.max_body_bytes})")
+    limits.add_argument("--max-n", type=int, default=d.max_n, help=f"n and best_of per request (default {d.max_n})")
+    limits.add_argument("--max-prompts", type=int, default=d.max_prompts,
+                        help=f"prompts (or conversations) in one request (default {d.max_prompts})")
+    limits.add_argument("--max-request-tokens", type=int, default=d.max_request_tokens,
+                        help=f"prompts x n x max_tokens of one request; a missing max_tokens counts as 16 on "
+                             f"/v1/completions, else as the context (default {d.max_request_tokens})")
+    limits.add_argument("--max-logprobs", type=int, default=d.max_logprobs,
+                        help=f"logprobs / top_logprobs / prompt_logprobs (default {d.max_logprobs})")
+    limits.add_argument("--request-timeout-s", type=float, default=d.request_timeout_s,
+                        help=f"a request not answered within this is cancelled with a 408 (default {d.request_timeout_s:g})")
+    limits.add_argument("--max-ongoing-requests", type=int,
+                        help="requests a replica works on at once (default 4 x --max-num-seqs); more wait in the queue")
+    limits.add_argument("--max-queued-requests", type=int, default=d.max_queued_requests,
+                        help=f"requests waiting for a replica; past it a 503 'dropped due to backpressure' "
+                             f"(default {d.max_queued_requests})")
     p.set_defaults(func=cmd_up)
     return parser
 

@@ -19,6 +19,7 @@ class Case:
     method: str = "POST"
     expect: str | int = "4xx"  # "4xx", "ok", or an exact status
     headers: dict = field(default_factory=dict)  # replaces the default (key + JSON content type) when given
+    keyed: bool = False  # with `headers`: send the API key too (the case is about the body, not the key)
     names: str | None = None  # a field the error message must name
 
 
@@ -43,7 +44,9 @@ def completion_cases(model: str) -> list[Case]:
                 b'{"model": "x", "prompt": "a", "max_tokens": 1, "max_tokens": -1}']:
         cases.append(Case(f"raw body {raw[:40]!r}", raw))
     cases.append(Case("no body at all", None))
-    cases.append(Case("JSON body sent as text/plain", _json(good), headers={"Content-Type": "text/plain"}, expect="any<500"))
+    # With the key, so that it reaches the server's parser (without, it would stop at the 401).
+    cases.append(Case("JSON body sent as text/plain", _json(good), headers={"Content-Type": "text/plain"}, keyed=True,
+                      expect="any<500"))
 
     # Required fields missing, wrong types.
     cases.append(Case("no prompt", _json({"model": model})))
@@ -113,10 +116,19 @@ def completion_cases(model: str) -> list[Case]:
         cases.append(Case(f"unknown model {name[:30]!r}", _json({**good, "model": name}), expect=404))
 
     # Huge batches.
-    cases.append(Case("10000 prompts", _json({**good, "prompt": ["a"] * 10_000})))
-    cases.append(Case("1025 prompts", _json({**good, "prompt": ["a"] * 1025})))
-    cases.append(Case("5000 token-id prompts", _json({**good, "prompt": [[5, 6]] * 5000})))
-    cases.append(Case("n past the limit", _json({**good, "n": 10**6})))
+    # Past the endpoint's limits (serve/app.py RequestLimits): the message names the field.
+    cases.append(Case("10000 prompts", _json({**good, "prompt": ["a"] * 10_000}), names="prompt"))
+    cases.append(Case("1025 prompts", _json({**good, "prompt": ["a"] * 1025}), names="prompt"))
+    cases.append(Case("5000 token-id prompts", _json({**good, "prompt": [[5, 6]] * 5000}), names="prompt"))
+    cases.append(Case("n past the limit", _json({**good, "n": 10**6}), names="n"))
+    cases.append(Case("n just past the default limit", _json({**good, "n": 9}), names="n"))
+    cases.append(Case("n at the default limit", _json({**good, "n": 8}), expect="ok"))
+    cases.append(Case("prompts x max_tokens past the default limit", _json({**good, "prompt": ["a"] * 256,
+                                                                          "max_tokens": 257}), names="max_tokens"))
+    cases.append(Case("logprobs -1 (the whole vocabulary)", _json({**good, "logprobs": -1}), names="logprobs"))
+    cases.append(Case("prompt_logprobs -1 (the whole vocabulary)", _json({**good, "prompt_logprobs": -1}),
+                      names="prompt_logprobs"))
+    cases.append(Case("2 MB body", _json({**good, "prompt": "a" * (2 << 20)}), expect=413))
 
     # Chat.
     for key, values in {

@@ -62,7 +62,7 @@ def good_request_succeeds(http: httpx.Client) -> bool:
 
 
 def send(http: httpx.Client, case: Case) -> httpx.Response:
-    headers = case.headers or {**AUTH, "Content-Type": "application/json"}
+    headers = ({**AUTH, **case.headers} if case.keyed else case.headers) or {**AUTH, "Content-Type": "application/json"}
     return http.request(case.method, case.path, content=case.body, headers=headers)
 
 
@@ -73,6 +73,8 @@ def verdict(case: Case, reply: httpx.Response) -> str | None:
         return f"{status} {reply.text[:200]}"
     if case.expect == "ok":
         return None if status == 200 and reply.json()["choices"] else f"expected 200, got {status} {reply.text[:200]}"
+    if case.keyed and status == 401:
+        return f"stopped at the API key check (401): the case never reached the server's parser"
     if case.expect == "any<500":
         return None
     wanted = 400 <= status < 500 if case.expect == "4xx" else status == case.expect
