@@ -6,7 +6,8 @@
    enough BOS-only prompts for the budget, in a fresh process with the first replica's cores, WITHOUT
    per-request seeds: what a plain vLLM user runs;
 2. raw-seeded: the same with one seed per sequence, as the job sets them (what exactly-once costs the engine);
-3. the job (`synthdata.job.generate`) with each `--replicas` count, each into a fresh directory;
+3. the job (`synthdata.job.generate`) with each `--replicas` count, each into a fresh directory (it keeps the
+   engine's queue full across shards; `aborted_sequences` counts what it sampled beyond a shard's quota);
 4. with `--topk K`: the job at the first replica count storing the teacher's top-K at every position too (what
    soft-label distillation costs the job: `topk_over_job`), and the bytes each stored token takes on disk with
    and without the top-K columns.
@@ -77,7 +78,8 @@ def measure_job(teacher_dir: str, tokens: int, replicas: int, out: Path, shard_t
     disk = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
     return {"replicas": replicas, "topk": topk, "shards": summary["shards"], "sequences": summary["sequences"],
             "generated_tokens": generated, "seconds": summary["wall_s"], "tokens_per_s": generated / summary["wall_s"],
-            "bytes_per_stored_token": disk / summary["tokens"]}
+            "bytes_per_stored_token": disk / summary["tokens"],
+            "aborted_sequences": summary.get("aborted_sequences"), "top_ups": summary.get("top_ups")}
 
 
 def summary(runs: list[dict]) -> dict:

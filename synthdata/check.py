@@ -11,10 +11,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
-from synthdata.job import read_manifest
+from synthdata.shards import read_manifest, read_rows
 from synthdata.teacher import member_dirs, read_teacher
 
 
@@ -31,12 +30,7 @@ def sampling_check(out: str | Path, teacher_dir: str | Path, sequences: int = 48
     else:
         with tempfile.TemporaryDirectory() as tmp:
             reference = ReferenceEnsemble.from_dir(member_dirs(read_teacher(teacher_dir), Path(tmp))[member])
-    rows = []
-    for shard in read_manifest(out)["shards"]:
-        rows += pq.read_table(out / shard["file"], columns=["tokens", "length", "sample_logprob"]).to_pylist()
-        if len(rows) >= sequences:
-            break
-    rows = rows[:sequences]
+    rows = read_rows(out, read_manifest(out), ["tokens", "length", "sample_logprob"], limit=sequences)
     width = max(r["length"] for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     for i, r in enumerate(rows):

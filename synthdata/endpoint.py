@@ -6,12 +6,16 @@ token-id list [BOS], `max_tokens` = max_len - 1, the job's temperature and top-p
 `logprobs: 0` (the sampled token's log-probability and no alternatives) and `return_tokens_as_token_ids` so
 the sampled ids come back exactly as `token_id:N` strings, not as text to re-tokenize. Requests run
 concurrently (`concurrency` at a time) so the endpoint's scheduler batches them, as the offline engine would.
+A job keeps them in flight across shards (`EndpointClient`: the next shard's requests go out while the current
+one's last sequences are still being sampled), so the endpoint, not the client, sets the pace.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
@@ -96,3 +100,78 @@ class EndpointSampler:
                                 "honour return_tokens_as_token_ids")
         ids = np.asarray([int(t[len(TOKEN_PREFIX):]) for t in tokens], dtype=np.int32)
         return ids, np.asarray(values, dtype=np.float32)
+
+
+class EndpointClient:
+    """One slot of a job on an endpoint: requests kept in flight across calls (an asyncio loop in a thread of its own).
+
+    `advance(bos, sample, abort, budget_s)` adds requests ((request id, seed) each) and cancels aborted ones, and
+    returns a Future of the requests that finished within about `budget_s`, as (id, ids, log-probs): the same
+    contract as synthdata.engine.TeacherEngine.advance, so the job drives engines and endpoints alike. A failed
+    request fails the next call (EndpointError)."""
+
+    def __init__(self, sampler: EndpointSampler, settings: SamplingSettings):
+        self.sampler, self.settings = sampler, settings
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.finished: list[tuple[str, np.ndarray, np.ndarray]] = []
+        self.error: EndpointError | None = None
+        self.client: httpx.AsyncClient | None = None
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="endpoint-client", daemon=True)
+        self.thread.start()
+
+    def advance(self, bos: int, sample: list[tuple[str, int]], abort: list[str], budget_s: float) -> Future:
+        return asyncio.run_coroutine_threadsafe(self._advance(bos, list(sample), list(abort), budget_s), self.loop)
+
+    async def _advance(self, bos: int, sample, abort, budget_s: float):
+        if self.client is None:
+            n = self.sampler.concurrency
+            self.limit = asyncio.Semaphore(n)
+            self.client = httpx.AsyncClient(
+                base_url=self.sampler.url, headers=_headers(self.sampler.api_key), timeout=self.sampler.timeout_s,
+                limits=httpx.Limits(max_connections=n, max_keepalive_connections=n))
+        for rid in abort:
+            task = self.tasks.pop(rid, None)
+            if task is not None:
+                task.cancel()
+        for rid, seed in sample:
+            self.tasks[rid] = asyncio.create_task(self._run(rid, bos, seed))
+        deadline = self.loop.time() + budget_s
+        while self.loop.time() < deadline and self.error is None and self.tasks:
+            await asyncio.sleep(min(0.05, budget_s))
+        if self.error is not None:
+            raise self.error
+        done, self.finished = self.finished, []
+        return done
+
+    async def _run(self, rid: str, bos: int, seed: int) -> None:
+        async with self.limit:
+            try:
+                ids, lps = await self.sampler._one(self.client, bos, seed, self.settings)
+            except EndpointError as e:
+                self.error = e
+                return
+            except Exception as e:  # noqa: BLE001 - a malformed reply is the endpoint's failure, named
+                self.error = EndpointError(f"endpoint {self.sampler.url}: {type(e).__name__}: {e}")
+                return
+        self.tasks.pop(rid, None)
+        self.finished.append((rid, ids, lps))
+
+    def close(self) -> None:
+        """Cancel every request in flight and stop the loop's thread."""
+        if not self.thread.is_alive():
+            return
+
+        async def shut():
+            for task in self.tasks.values():
+                task.cancel()
+            self.tasks = {}
+            if self.client is not None:
+                await self.client.aclose()
+
+        try:
+            asyncio.run_coroutine_threadsafe(shut(), self.loop).result(timeout=10)
+        except Exception:  # noqa: BLE001 - closing: nothing left to save
+            pass
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)

@@ -9,11 +9,16 @@ statistics check compares with the reference ensemble.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from serve.engine import engine_dtype
+
+# Test only: "<flag file>:<calls>" makes the engine whose `advance` call number <calls> finds the flag file delete it
+# and then hang (alive, never answering): what the job's hang timeout must catch. One engine hangs, not its successor.
+HANG_ENV = "CHORUS_TEST_ENGINE_HANG"
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ def engine_env(kv_cache_gib: float, cores: str | None) -> dict[str, str]:
            "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}  # no vLLM telemetry
     if cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+    if os.environ.get(HANG_ENV):
+        env[HANG_ENV] = os.environ[HANG_ENV]
     return env
 
 
@@ -51,6 +58,54 @@ class TeacherEngine:
         self.llm = LLM(model=model_dir, dtype=engine_dtype(), enforce_eager=True, max_model_len=max_len + bool(topk),
                        seed=seed, logprobs_mode="processed_logprobs", disable_log_stats=True,
                        max_logprobs=max(20, topk), **extra)
+        self.calls = 0
+
+    def advance(self, bos_token_id: int, settings: SamplingSettings, sample: list[tuple[str, int]],
+                score: list[tuple[str, np.ndarray]], abort: list[str], k: int = 0, budget_s: float = 0.5
+                ) -> list[tuple[str, np.ndarray, np.ndarray]]:
+        """Continuous batching: add requests to the engine's queue, drop aborted ones, then step the engine for about
+        `budget_s` (or until it has nothing left) and return the requests that finished meanwhile. Requests stay in
+        the engine between calls, so the driver keeps the batch full by adding work before the last finishes.
+
+        `sample`: (request id, seed): one sequence from BOS, returned as (id, generated token ids int32, their
+        sampling log-probs float32), as `sample` does. `score`: (request id, tokens): the teacher's top-`k` after every
+        position but the last, returned as (id, ids [L-1, k], log-probs [L-1, k]), as `topk` does. A request's result
+        depends on its own seed and tokens only (per-request seeds; vLLM's CPU kernels compute each row alike
+        whatever else is in the batch), so batching and timing do not change what a job stores."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self.calls += 1
+        _maybe_hang(self.calls)
+        engine = self.llm.llm_engine
+        if abort:
+            engine.abort_request(list(abort))
+        for rid, seed in sample:
+            engine.add_request(rid, TokensPrompt(prompt_token_ids=[bos_token_id]),
+                               SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
+                                              max_tokens=settings.max_len - 1, seed=int(seed), logprobs=0))
+        if score:
+            params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=k, flat_logprobs=True,
+                                    detokenize=False)
+            for rid, tokens in score:
+                engine.add_request(rid, TokensPrompt(prompt_token_ids=[int(t) for t in tokens]), params)
+        deadline = time.monotonic() + budget_s
+        done = []
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if not out.finished:
+                    continue
+                if out.prompt_logprobs is not None:  # a scoring request
+                    ids, lps = _flat_topk(out.prompt_logprobs, k, skip_first=True)
+                else:
+                    completion = out.outputs[0]
+                    ids = np.asarray(completion.token_ids, dtype=np.int32)
+                    lps = np.asarray([step[int(t)].logprob for t, step in zip(ids, completion.logprobs)],
+                                     dtype=np.float32)
+                done.append((out.request_id, ids, lps))
+            if time.monotonic() >= deadline:
+                break
+        return done
 
     def sample(self, bos_token_id: int, seeds: list[int], settings: SamplingSettings
                ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -97,6 +152,19 @@ class TeacherEngine:
                 raise RuntimeError(f"vLLM returned top-k for {len(ids)} positions of a {len(seq)}-token sequence")
             result.append((ids, lps))
         return result
+
+
+def _maybe_hang(calls: int) -> None:
+    spec = os.environ.get(HANG_ENV)
+    if not spec:
+        return
+    flag, at = spec.rsplit(":", 1)
+    if calls >= int(at) and os.path.exists(flag):
+        try:
+            os.unlink(flag)  # this engine hangs; the one that replaces it does not
+        except FileNotFoundError:
+            return
+        time.sleep(10**6)
 
 
 def _flat_topk(flat, k: int, skip_first: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -1,81 +1,72 @@
 """A generation job: an exact token budget of unconditional teacher samples, as Parquet shards with a manifest.
 
-Layout of a synthetic data directory:
+Layout of a synthetic data directory (the format and its repairs: synthdata/shards.py):
     manifest.json        the job (teacher hash, mode, sampling settings, budget, seed, shard quota) and every
                          finished shard's rows, tokens and sha256; rewritten atomically after each shard
-    shard-NNNNN.parquet  one row per sequence: tokens (list<int32>, BOS first), length, seed (the shard's),
-                         sequence_seed (the sequence's own, 63-bit), content_sha256 (of its token ids: the
-                         job counts and reports sequences that repeat another exactly),
-                         member (mixture: which member sampled it; ensemble: -1), sample_logprob (the engine's
-                         log-probability of the stored tokens after BOS), teacher_sha256, sampling (JSON);
-                         with `topk` > 0 also topk_ids, topk_logprobs, topk_tail: the teacher's k most likely next
-                         tokens at every position but the last (format: synthdata/soft_targets.py), scored after
-                         the shard is sampled, in one prefill pass per row through the same engine
+    shard-NNNNN.parquet  one row per sequence (tokens, its seeds, content hash, member, log-prob, teacher, sampling;
+                         with `topk` > 0 the teacher's top-k at every position but the last)
     teacher-members/     mixture mode only: the members extracted from a packed teacher
 
 The budget counts stored tokens, BOS and EOS included, like train/'s budgets. It is cut into shards of
 `shard_tokens` (the last one holds the remainder). Shard i's seed comes from (job seed, i) and sequence j
-of shard i has its own seed from (shard seed, j). A shard samples sequences j = 0, 1, ... in rounds
-until its quota is reached; the last sequence it keeps is cut to fit, later ones are dropped. So a shard's
-content is fixed by the job, whichever replica makes it and however often it is remade.
+of shard i has its own seed from (shard seed, j). A shard keeps sequences j = 0, 1, ... until its quota is
+reached; the last sequence it keeps is cut to fit, later ones are dropped. So a shard's content is fixed by the
+job, whichever replica makes it, however it is batched and however often it is remade.
 
-Exactly-once: a shard is written to a temp file, renamed, then recorded in the manifest. On restart a
-recorded shard whose bytes no longer match its sha256 is named and remade, a shard file that never made
-it into the manifest (killed between rename and record) is remade, and temp files are deleted.
+Continuous batching (`run_shards`): the driver keeps each engine's queue about `inflight` sequences deep for the
+whole job. Shards are opened in order; a shard gets as many sequences as its remaining quota needs at the observed
+mean length, and when its open sequences are expected to cover it the next shard's go in behind them, so the engine
+never waits for a shard to be cut, scored (`topk`: the rows go back into the same engine's queue as prefill
+requests) or written (a writer thread writes, hashes and records). Sequences a covered shard no longer needs are
+aborted. Exactly-once: a shard is written to a temp file, renamed, then recorded in the manifest; on restart
+`open_job` names and remakes a corrupt or unrecorded shard and deletes temp files.
 
-Replicas are Ray actors each holding one vLLM engine (local Ray by default, or `address`). The driver keeps
-one thread per replica slot, each taking the next pending shard; the driver alone writes files. Ray
+Replicas are Ray actors each holding one vLLM engine (local Ray by default, or `address`), driven by
+`TeacherEngine.advance` calls (add requests, abort requests, step for half a second, return what finished) from
+one driver loop; the driver alone writes files. Ray
 actors rather than Ray Data or the Ray Serve deployment: a shard must be one unit (made in full or not at
 all, by one writer), and actor calls with explicit seeds give that with the least machinery; a Serve
 endpoint would add HTTP and batching we do not need for offline work.
 
 On a cluster (`address`) the replicas are spread over the nodes, and a replica that dies with its node (or
-alone) loses only the shard it was making: that shard goes back to the queue, whole, and the slot starts a
-new replica on a live node (at most `max_restarts` times per job). Since a shard's content is fixed by
+alone) or hangs (a call unanswered for `hang_timeout_s`) loses only the shards it was making: they go back to the
+queue, whole, and the slot starts a new replica on a live node (at most `max_restarts` times per job). Ctrl-C or
+SIGTERM ends the loop at once (engines killed, Ray stopped; a shard being written is finished and recorded whole,
+none is recorded partly) and the same command resumes. Since a shard's content is fixed by
 its seeds and only the driver writes, the job still ends with the exact budget and every shard once.
 
 `endpoint`: sample through a live Chorus endpoint (serve/app.py) instead of starting engines, one request
-per sequence carrying its seed (synthdata/endpoint.py); `replicas` shards are then made at a time. Same
-shards, manifest and resume; each manifest entry records which source made it.
+per sequence carrying its seed (synthdata/endpoint.py), kept `inflight` deep per slot across shards by the same
+loop (`replicas` slots). Same shards, manifest and resume; each manifest entry records which source made it.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import os
-import queue
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from synthdata.endpoint import EndpointSampler
+from synthdata.endpoint import EndpointClient, EndpointSampler
 from synthdata.engine import SamplingSettings, TeacherEngine, engine_env
+from synthdata.shards import (MANIFEST_FORMAT, SYNTHETIC, JobError, ShardedOutput, ShardPlan, ShardRows,  # noqa: F401
+                              content_hash, duplicate_sequences, open_job, read_manifest, record_shard, write_shard)
 from synthdata.soft_targets import METHOD as SOFT_TARGET_METHOD
-from synthdata.soft_targets import topk_arrays
 from synthdata.teacher import Teacher, member_dirs, read_teacher
-from train.artifacts import OutputLock, atomic_write_json, publish_file
-from train.data import read_json_manifest, sha256_file
+from train.artifacts import OutputLock
 from train.ray_session import connect_ray, disconnect_ray
 
 log = logging.getLogger(__name__)
 
-MANIFEST_FORMAT = "chorus.synthetic.v2"  # v2: 63-bit sequence seeds, a content hash per sequence
 MODES = ("ensemble", "mixture")
-MAX_ROUND = 1024  # sequences per engine call: bounds memory, large enough to keep the engine busy
-
-
-class JobError(ValueError):
-    """Bad job settings, or an output directory that holds another job."""
-
+MAX_ROUND = 1024  # sequences of one shard added in one go: bounds what a top-up asks for
 
 @dataclass(frozen=True)
 class GenerateConfig:
@@ -96,17 +87,8 @@ class GenerateConfig:
     max_restarts: int = 4  # replicas started again after one died (a node lost), per job
     restart_timeout_s: float = 600.0  # how long a replacement replica may wait for room on a live node
     topk: int = 0  # > 0: store the teacher's top-k next-token log-probs at every position (synthdata.soft_targets)
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    index: int
-    quota: int
-    seed: int
-
-    @property
-    def file(self) -> str:
-        return f"shard-{self.index:05d}.parquet"
+    inflight: int = 512  # sequences kept in each engine's queue (endpoint: requests in flight per slot)
+    hang_timeout_s: float = 300.0  # an engine call unanswered this long is a hung engine: replaced like a dead one
 
 
 def derive_seed(*entropy: int) -> int:
@@ -131,11 +113,6 @@ def sequence_draws(shard_seed: int, start: int, count: int, members: int) -> lis
         state = np.random.SeedSequence([shard_seed, j]).generate_state(3, np.uint32)
         draws.append(((int(state[0]) << 32 | int(state[1])) >> 1, int(state[2] % members)))
     return draws
-
-
-def content_hash(tokens: np.ndarray) -> str:
-    """sha256 of a sequence's token ids (int32 little-endian): equal sequences, equal hashes."""
-    return hashlib.sha256(np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()
 
 
 def check_config(cfg: GenerateConfig, teacher: Teacher) -> SamplingSettings:
@@ -176,183 +153,6 @@ def job_record(cfg: GenerateConfig, teacher: Teacher, settings: SamplingSettings
     return job
 
 
-# ---- manifest ----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class ShardedOutput:
-    """A kind of sharded job output: a manifest of its format and shard-NNNNN.parquet files (generation jobs here,
-    teacher annotations in synthdata/annotate.py share the manifest handling and repairs)."""
-    format: str
-    what: str  # what the directory holds
-    job: str  # what makes it
-
-
-SYNTHETIC = ShardedOutput(MANIFEST_FORMAT, "synthetic data", "generation job")
-
-
-def read_manifest(out: str | Path, kind: ShardedOutput = SYNTHETIC) -> dict:
-    path = Path(out) / "manifest.json"
-    return read_json_manifest(path, kind.format, f"Chorus {kind.what} manifest",
-                              f"no {kind.what} at {out}: {path} is missing", JobError)
-
-
-def open_job(out: Path, job: dict, kind: ShardedOutput = SYNTHETIC) -> dict:
-    """The job's manifest: new, or the existing one after checking it is the same job and repairing it.
-
-    Repairs (each logged with the file's name): temp files deleted; recorded shards that are missing or
-    whose sha256 differs dropped from the manifest (to be remade); shard files never recorded deleted."""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "manifest.json"
-    if not path.exists():
-        manifest = {"format": kind.format, "job": job, "shards": []}
-        atomic_write_json(path, manifest)
-        return manifest
-    manifest = read_manifest(out, kind)
-    if manifest["job"] != job:
-        diff = sorted(k for k in set(job) | set(manifest["job"]) if job.get(k) != manifest["job"].get(k))
-        raise JobError(f"{out} holds another {kind.job} (differs in: {', '.join(diff)}); "
-                       "use another --out or delete it")
-    for tmp in sorted(out.glob("*.tmp")):
-        log.warning("deleting %s: a file left half-written by an interrupted run", tmp.name)
-        tmp.unlink()
-    kept = []
-    for shard in manifest["shards"]:
-        name = shard.get("file")
-        if not (isinstance(name, str) and Path(name).name == name and name.startswith("shard-")
-                and name.endswith(".parquet")):  # "../../x", "/abs/x": a path, not a shard of this job
-            raise JobError(f"{path} records a shard file {shard.get('file')!r} that is not a shard-NNNNN.parquet of "
-                           f"{out}: the manifest is damaged or crafted; nothing outside {out} is touched (delete it "
-                           f"to restart the job)")
-        file = out / shard["file"]
-        if not file.exists():
-            log.warning("shard %s is recorded but missing: it will be regenerated", shard["file"])
-        elif sha256_file(file) != shard["sha256"]:
-            log.warning("shard %s is corrupt (sha256 differs from the manifest): it will be regenerated", shard["file"])
-            file.unlink()
-        else:
-            kept.append(shard)
-    recorded = {s["file"] for s in kept}
-    for file in sorted(out.glob("shard-*.parquet")):
-        if file.name not in recorded:
-            log.warning("shard %s was written but never recorded: it will be regenerated", file.name)
-            file.unlink()
-    if kept != manifest["shards"]:
-        manifest["shards"] = kept
-        atomic_write_json(path, manifest)
-    return manifest
-
-
-# ---- one shard ---------------------------------------------------------------------------------
-
-@dataclass
-class ShardRows:
-    tokens: list[np.ndarray]
-    members: list[int]
-    logprobs: list[float]
-    seeds: list[int]
-    topk: list[tuple[np.ndarray, np.ndarray]] | None = None  # per row: (ids, log-probs) [len - 1, k]
-
-    @property
-    def count(self) -> int:
-        return sum(len(t) for t in self.tokens)
-
-
-def actor_sampler(engines: list, bos: int, settings: SamplingSettings):
-    """A round's sequences to Ray engine actors: one call per member's engine, all at once."""
-    import ray
-
-    def sample(seeds_by_member: dict[int, list[int]]) -> dict[int, list]:
-        calls = {m: engines[m].sample.remote(bos, seeds, settings) for m, seeds in seeds_by_member.items()}
-        return {m: ray.get(ref) for m, ref in calls.items()}
-
-    return sample
-
-
-def actor_scorer(engines: list, k: int):
-    """Top-k of finished rows by the engine that drew them (synthdata.soft_targets): {member: [tokens]} ->
-    {member: [(ids, log-probs)]}, one call per member's engine, all at once."""
-    import ray
-
-    def score(rows_by_member: dict[int, list[np.ndarray]]) -> dict[int, list]:
-        calls = {m: engines[m].topk.remote(rows, k) for m, rows in rows_by_member.items()}
-        return {m: ray.get(ref) for m, ref in calls.items()}
-
-    return score
-
-
-def score_shard(rows: ShardRows, score) -> None:
-    """Attach each row's teacher top-k: rows go to the engine of the member that sampled them (ensemble: 0)."""
-    engine_of = [max(m, 0) for m in rows.members]
-    by_member = {m: [t for t, e in zip(rows.tokens, engine_of) if e == m] for m in sorted(set(engine_of))}
-    results = {m: iter(out) for m, out in score(by_member).items()}
-    rows.topk = [next(results[e]) for e in engine_of]
-
-
-def endpoint_sampler(sampler: EndpointSampler, bos: int, settings: SamplingSettings):
-    def sample(seeds_by_member: dict[int, list[int]]) -> dict[int, list]:
-        return {m: sampler.sample(bos, seeds, settings) for m, seeds in seeds_by_member.items()}
-
-    return sample
-
-
-def generate_shard(plan: ShardPlan, sample, members: int, bos: int, settings: SamplingSettings,
-                   on_tokens=lambda n: None) -> ShardRows:
-    """Sample sequences 0, 1, ... of the shard until its quota; cut the last one kept.
-
-    `sample({member: [seeds]})` returns each member's (ids, logprobs) per seed, in order: one engine (ensemble
-    mode, member 0) or one per member (mixture mode, `members` > 1)."""
-    rows = ShardRows([], [], [], [])
-    mean_len, start = float(settings.max_len), 0
-    while rows.count < plan.quota:
-        # Ask for about as many sequences as the remaining quota needs at the observed mean length.
-        want = min(MAX_ROUND, math.ceil((plan.quota - rows.count) / mean_len))
-        draws = sequence_draws(plan.seed, start, want, members)
-        by_member = {m: [s for s, mm in draws if mm == m] for m in sorted({m for _, m in draws})}
-        results = {m: iter(out) for m, out in sample(by_member).items()}
-        lengths = []
-        for seed, member in draws:
-            ids, logprobs = next(results[member])
-            lengths.append(len(ids) + 1)
-            room = plan.quota - rows.count
-            if room <= 0:
-                continue  # sampled beyond the quota: dropped (the same sequences every time)
-            keep = min(len(ids) + 1, room)
-            rows.tokens.append(np.concatenate([[bos], ids[: keep - 1]]).astype(np.int32))
-            rows.members.append(member if members > 1 else -1)
-            rows.logprobs.append(float(logprobs[: keep - 1].sum()))
-            rows.seeds.append(seed)
-            on_tokens(keep)
-        start += want
-        mean_len = float(np.mean(lengths))
-    return rows
-
-
-def write_shard(out: Path, plan: ShardPlan, rows: ShardRows, job: dict, source: str = "engine") -> dict:
-    """Write the shard atomically; return its manifest entry."""
-    n = len(rows.tokens)
-    table = pa.table({
-        "tokens": pa.array(rows.tokens, type=pa.list_(pa.int32())),
-        "length": pa.array([len(t) for t in rows.tokens], type=pa.int32()),
-        "seed": pa.array([plan.seed] * n, type=pa.int64()),
-        "sequence_seed": pa.array(rows.seeds, type=pa.int64()),
-        "content_sha256": pa.array([content_hash(t) for t in rows.tokens], type=pa.string()),
-        "member": pa.array(rows.members, type=pa.int16()),
-        "sample_logprob": pa.array(rows.logprobs, type=pa.float64()),
-        "teacher_sha256": pa.array([job["teacher_sha256"]] * n, type=pa.string()),
-        "sampling": pa.array([json.dumps(job["sampling"], sort_keys=True)] * n, type=pa.string()),
-    })
-    if "soft_targets" in job:
-        for name, column in topk_arrays([ids for ids, _ in rows.topk], [lps for _, lps in rows.topk],
-                                        job["soft_targets"]["k"]).items():
-            table = table.append_column(name, column)
-    path = out / plan.file
-    tmp = out / (plan.file + ".tmp")
-    pq.write_table(table, tmp)
-    publish_file(tmp, path)
-    return {"file": plan.file, "index": plan.index, "seed": plan.seed, "rows": n, "tokens": rows.count,
-            "sha256": sha256_file(path), "source": source}
-
-
 # ---- the job -----------------------------------------------------------------------------------
 
 def engine_cores(n_engines: int) -> list[str | None]:
@@ -368,12 +168,16 @@ def engine_cores(n_engines: int) -> list[str | None]:
 
 class EngineReplicas:
     """The job's replicas on Ray: `replicas` groups of engines (one per model directory), and a new group for a
-    slot whose group died (its node lost, an engine killed): at most `cfg.max_restarts` per job."""
+    slot whose group died (its node lost, an engine killed) or hung: at most `cfg.max_restarts` per job.
+
+    `call(slot, member, ...)` sends one `TeacherEngine.advance` to an engine (requests to add and to abort; the
+    engine steps for `BUDGET_S` and returns what finished); `wait` / `result` are Ray's."""
 
     def __init__(self, model_dirs: list[Path], replicas: int, settings: SamplingSettings, cfg: GenerateConfig):
         import ray
 
         self.model_dirs, self.settings, self.cfg = model_dirs, settings, cfg
+        self.members = len(model_dirs)
         n = replicas * len(model_dirs)
         self.local = cfg.address is None
         self.cores = engine_cores(n) if self.local else [None] * n
@@ -392,14 +196,24 @@ class EngineReplicas:
                          .remote(str(d), self.settings.max_len, self.cfg.seed, self.cfg.topk))
         return group
 
-    def sampler(self, slot: int, bos: int):
-        return actor_sampler(self.groups[slot], bos, self.settings)
+    def call(self, slot: int, member: int, bos: int, sample: list, score: list, abort: list):
+        return self.groups[slot][member].advance.remote(bos, self.settings, sample, score, abort, self.cfg.topk,
+                                                         BUDGET_S)
 
-    def scorer(self, slot: int):
-        return actor_scorer(self.groups[slot], self.cfg.topk)
+    @staticmethod
+    def wait(handles: list, timeout: float) -> list:
+        import ray
+
+        return ray.wait(handles, num_returns=1, timeout=timeout)[0] if handles else []
+
+    @staticmethod
+    def result(handle) -> list:
+        import ray
+
+        return ray.get(handle)
 
     def release(self, slot: int) -> None:
-        """Stop a slot's engines (its work is done, or it died): frees its node for a replacement."""
+        """Stop a slot's engines (its work is done, it died or hung): frees its node for a replacement."""
         import ray
 
         for engine in self.groups[slot]:
@@ -414,8 +228,8 @@ class EngineReplicas:
 
         with self.lock:
             if self.restarts >= self.cfg.max_restarts:
-                raise JobError(f"replica {slot} died and {self.restarts} replicas were already restarted in this job "
-                               f"(max_restarts): giving up; re-run the same command to finish the job")
+                raise JobError(f"replica {slot} was lost and {self.restarts} replicas were already restarted in this "
+                               f"job (max_restarts): giving up; re-run the same command to finish the job")
             self.restarts += 1
         self.release(slot)
         self.groups[slot] = group = self._launch(slot)
@@ -436,18 +250,33 @@ class EngineReplicas:
 
 
 class EndpointReplicas:
-    """`replicas` concurrent shards through one live endpoint; a failed request loses its shard's round, and the
-    shard is retried after a pause (at most `cfg.max_restarts` times per job)."""
+    """`replicas` slots on one live endpoint, each with its own requests in flight (EndpointClient); a failed request
+    loses its slot's shards, which go back to the queue whole; retried after a pause (at most `cfg.max_restarts`
+    times per job)."""
 
-    def __init__(self, sampler: EndpointSampler, settings: SamplingSettings, cfg: GenerateConfig):
+    members = 1
+
+    def __init__(self, sampler: EndpointSampler, replicas: int, settings: SamplingSettings, cfg: GenerateConfig):
         self.endpoint, self.settings, self.cfg = sampler, settings, cfg
         self.restarts, self.lock = 0, threading.Lock()
+        self.clients = [EndpointClient(sampler, settings) for _ in range(replicas)]
 
-    def sampler(self, slot: int, bos: int):
-        return endpoint_sampler(self.endpoint, bos, self.settings)
+    def call(self, slot: int, member: int, bos: int, sample: list, score: list, abort: list):
+        return self.clients[slot].advance(bos, sample, abort, BUDGET_S)
+
+    @staticmethod
+    def wait(handles: list, timeout: float) -> list:
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_futures
+
+        return list(wait_futures(handles, timeout=timeout, return_when=FIRST_COMPLETED).done) if handles else []
+
+    @staticmethod
+    def result(handle) -> list:
+        return handle.result()
 
     def release(self, slot: int) -> None:
-        pass
+        self.clients[slot].close()
 
     def replace(self, slot: int, still_needed) -> bool:
         with self.lock:
@@ -455,7 +284,9 @@ class EndpointReplicas:
                 raise JobError(f"the endpoint {self.cfg.endpoint} failed {self.restarts + 1} times in this job: "
                                "giving up; re-run the same command to finish the job")
             self.restarts += 1
+        self.clients[slot].close()
         time.sleep(5.0)  # let Serve replace a lost replica
+        self.clients[slot] = EndpointClient(self.endpoint, self.settings)
         return True
 
 
@@ -473,7 +304,9 @@ def replica_lost_errors() -> tuple[type[BaseException], ...]:
 def generate(cfg: GenerateConfig) -> dict:
     """Run (or finish) the job; return its summary. Re-running a finished job does nothing.
 
-    Two jobs on one --out would delete each other's shards: the second is refused, naming the first."""
+    Two jobs on one --out would delete each other's shards: the second is refused, naming the first. Ctrl-C or
+    SIGTERM (KeyboardInterrupt) ends generation at once: the engines are killed, no partial shard is recorded,
+    and the same command resumes."""
     with OutputLock(cfg.out):
         return _generate(cfg)
 
@@ -496,10 +329,16 @@ def _generate(cfg: GenerateConfig) -> dict:
 
     replicas = min(cfg.replicas, len(pending))
     if cfg.endpoint:
-        log.info("sampling through the endpoint %s, %d shard(s) at a time", cfg.endpoint, replicas)
-        source, members = EndpointReplicas(EndpointSampler.connect(cfg.endpoint, teacher.path), settings, cfg), 1
-        summary = run_shards(cfg, out, job, manifest, pending, source, replicas, members, teacher.bos_token_id,
-                             done_tokens, "endpoint")
+        log.info("sampling through the endpoint %s, %d slot(s) of up to %d requests in flight", cfg.endpoint, replicas,
+                 cfg.inflight)
+        source = EndpointReplicas(EndpointSampler.connect(cfg.endpoint, teacher.path, cfg.inflight), replicas,
+                                  settings, cfg)
+        try:
+            summary = run_shards(cfg, out, job, manifest, pending, source, replicas, teacher.bos_token_id,
+                                 done_tokens, "endpoint")
+        finally:
+            for slot in range(replicas):
+                source.release(slot)
     else:
         model_dirs = [teacher.path] if cfg.mode == "ensemble" else member_dirs(teacher, out / "teacher-members")
         log.info("starting %d replica(s) x %d engine(s) on %s (%s mode)", replicas, len(model_dirs), teacher.path,
@@ -508,8 +347,12 @@ def _generate(cfg: GenerateConfig) -> dict:
                                   None if cfg.address else max(os.cpu_count() or 1, replicas * len(model_dirs)))
         try:
             source = EngineReplicas(model_dirs, replicas, settings, cfg)
-            summary = run_shards(cfg, out, job, manifest, pending, source, replicas, len(model_dirs),
-                                 teacher.bos_token_id, done_tokens, "engine")
+            try:
+                summary = run_shards(cfg, out, job, manifest, pending, source, replicas, teacher.bos_token_id,
+                                     done_tokens, "engine")
+            finally:
+                for slot in range(replicas):
+                    source.release(slot)  # at once, also on Ctrl-C / SIGTERM: nothing keeps sampling
         finally:
             disconnect_ray(started_ray)  # only a Ray this job started; a caller's Ray is left running
     log.info("done: %d tokens in %d sequences (mean length %.1f); this run made %d tokens in %.1f s (%.0f tokens/s)",
@@ -518,87 +361,228 @@ def _generate(cfg: GenerateConfig) -> dict:
     return summary
 
 
+# ---- continuous batching across shards ------------------------------------------------------------
+
+BUDGET_S = 0.5  # an engine steps this long per call before reporting what finished (requests stay queued)
+
+
+@dataclass
+class ShardWork:
+    """A shard being made on one slot: its sequences' results so far and the ones in flight."""
+    plan: ShardPlan
+    slot: int
+    members: int
+    results: dict[int, tuple[np.ndarray, np.ndarray, int]] = field(default_factory=dict)  # j -> (ids, lps, member)
+    inflight: dict[int, int] = field(default_factory=dict)  # j -> member, sampling now
+    next_j: int = 0  # next sequence to submit
+    prefix: int = 0  # sequences 0 .. prefix-1 are all finished
+    prefix_tokens: int = 0  # their stored tokens (BOS included, uncut)
+    other_tokens: int = 0  # stored tokens of finished sequences after the prefix
+    rows: ShardRows | None = None  # once the quota is covered
+    scoring: dict[int, int] = field(default_factory=dict)  # row -> member, top-k in flight
+    seeds: dict[int, int] = field(default_factory=dict)  # j -> sequence seed
+
+    def add(self, j: int, ids: np.ndarray, lps: np.ndarray) -> None:
+        member = self.inflight.pop(j)
+        self.results[j] = (ids, lps, member)
+        self.other_tokens += len(ids) + 1
+        while self.prefix in self.results and self.prefix_tokens < self.plan.quota:
+            n = len(self.results[self.prefix][0]) + 1
+            self.other_tokens -= n
+            self.prefix_tokens += n
+            self.prefix += 1
+
+    @property
+    def covered(self) -> bool:
+        return self.prefix_tokens >= self.plan.quota
+
+    def expected(self, mean_len: float) -> float:
+        return self.prefix_tokens + self.other_tokens + len(self.inflight) * mean_len
+
+    def cut(self, bos: int) -> ShardRows:
+        """Sequences 0, 1, ... until the quota; the last one kept is cut to fit (the shard's content is fixed by its
+        seeds: later sequences, finished or not, are dropped)."""
+        rows = ShardRows([], [], [], [])
+        for j in range(self.prefix):
+            ids, logprobs, member = self.results[j]
+            keep = min(len(ids) + 1, self.plan.quota - rows.count)
+            rows.tokens.append(np.concatenate([[bos], ids[: keep - 1]]).astype(np.int32))
+            rows.members.append(member if self.members > 1 else -1)
+            rows.logprobs.append(float(logprobs[: keep - 1].sum()))
+            rows.seeds.append(self.seeds[j])
+        return rows
+
+
 def run_shards(cfg: GenerateConfig, out: Path, job: dict, manifest: dict, pending: list[ShardPlan], source,
-               replicas: int, members: int, bos: int, done_tokens: int, source_name: str) -> dict:
-    """One thread per replica slot takes the next pending shard until none is left; a shard whose replica was
-    lost goes back to the queue, whole, and the slot gets a new replica (`source.replace`)."""
+               replicas: int, bos: int, done_tokens: int, source_name: str) -> dict:
+    """Continuous batching across shards, one driver loop for every slot (replica).
+
+    Each engine always has one `advance` call out; every call adds the requests the slot needs (the next
+    sequences of its open shards, and the next shard's once those cover their quota by the observed mean length)
+    and aborts sequences a covered shard no longer needs, so the engine's queue holds about `cfg.inflight`
+    sequences for the whole job and never waits for a shard to be cut, scored, written or hashed (a writer thread
+    does that). A shard is covered when its sequences 0 .. n-1 are finished and hold its quota: exactly what
+    the one-shard-at-a-time job stored. A slot whose engine dies (Ray raises) or hangs (a call takes longer than
+    `cfg.hang_timeout_s`) loses its open shards: each goes back to the queue, whole, and the slot gets a new
+    replica (`source.replace`). Ctrl-C / SIGTERM (KeyboardInterrupt) stops the loop at once; shards already
+    written stay recorded, none is recorded partly."""
     lost = replica_lost_errors()
-    manifest_lock, bar_lock = threading.Lock(), threading.Lock()
-    todo: queue.Queue[ShardPlan] = queue.Queue()
-    for p in pending:
-        todo.put(p)
-    recorded = {"shards": 0}
+    members = source.members
+    todo: deque[ShardPlan] = deque(pending)
+    open_: list[list[ShardWork]] = [[] for _ in range(replicas)]
+    outbox = [[{"sample": [], "score": [], "abort": []} for _ in range(members)] for _ in range(replicas)]
+    calls: dict = {}  # handle -> (slot, member, sent at)
+    alive = [True] * replicas
     bar = tqdm(total=cfg.tokens, initial=done_tokens, unit="tok", unit_scale=True, desc="generating",
                disable=not cfg.progress, smoothing=0.1)
-    generated = 0
+    lengths = {"tokens": 0, "sequences": 0}
+    state = {"recorded": 0, "generated": 0, "aborted": 0, "topped_up": 0}
+    lock = threading.Lock()
+    writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
+    writes = []
 
-    def advance(n: int) -> None:
-        nonlocal generated
-        with bar_lock:
-            generated += n
-            bar.update(n)
+    def mean_len() -> float:  # stored tokens per sequence so far in this run (before any: half the longest)
+        return lengths["tokens"] / lengths["sequences"] if lengths["sequences"] >= 8 else source.settings.max_len / 2
 
-    def unfinished() -> bool:
-        with manifest_lock:
-            return recorded["shards"] < len(pending)
+    def inflight(slot: int) -> int:
+        return sum(len(w.inflight) + len(w.scoring) for w in open_[slot])
 
-    def work(slot: int) -> None:
-        sample = source.sampler(slot, bos)
-        try:
-            while True:
-                try:
-                    plan = todo.get_nowait()
-                except queue.Empty:
-                    return
-                made = 0
+    def top_up(w: ShardWork) -> None:
+        """Submit sequences of `w` until its expected stored tokens cover the quota (at most MAX_ROUND at once)."""
+        if w.rows is not None or w.covered:
+            return
+        need = w.plan.quota - w.expected(mean_len())
+        if need <= 0 and w.inflight:
+            return
+        n = min(MAX_ROUND, max(1, math.ceil(need / mean_len())))
+        state["topped_up"] += bool(w.next_j)
+        for seed, member in sequence_draws(w.plan.seed, w.next_j, n, members):
+            w.inflight[w.next_j] = member
+            w.seeds[w.next_j] = seed
+            outbox[w.slot][member]["sample"].append((f"s{w.plan.index}:{w.next_j}", seed))
+            w.next_j += 1
 
-                def count(n: int) -> None:
-                    nonlocal made
-                    made += n
-                    advance(n)
+    def fill(slot: int) -> None:
+        for w in open_[slot]:
+            top_up(w)
+        while todo and inflight(slot) < cfg.inflight * members:
+            w = ShardWork(todo.popleft(), slot, members)
+            open_[slot].append(w)
+            top_up(w)
 
-                try:
-                    rows = generate_shard(plan, sample, members, bos, source.settings, count)
-                    if cfg.topk:
-                        score_shard(rows, source.scorer(slot))
-                except lost as e:
-                    advance(-made)  # the shard's partial rows are dropped; it is made again, whole
-                    todo.put(plan)
-                    log.warning("replica %d was lost while making %s (%s: %s): the shard goes back to the queue; "
-                                "starting a new replica", slot, plan.file, type(e).__name__, str(e).splitlines()[0][:200])
-                    if not source.replace(slot, unfinished):
-                        return
-                    sample = source.sampler(slot, bos)
-                    continue
-                entry = write_shard(out, plan, rows, job, source_name)
-                with manifest_lock:
-                    manifest["shards"] = sorted(manifest["shards"] + [entry], key=lambda s: s["index"])
-                    atomic_write_json(out / "manifest.json", manifest)
-                    recorded["shards"] += 1
-                log.debug("shard %s: %d sequences, %d tokens (replica %d)", plan.file, entry["rows"], entry["tokens"],
-                          slot)
-        finally:
-            source.release(slot)  # done: free its node for a replacement elsewhere
+    def write(w: ShardWork) -> None:
+        entry = write_shard(out, w.plan, w.rows, job, source_name)
+        with lock:
+            record_shard(out, manifest, entry)
+            state["recorded"] += 1
+            state["generated"] += entry["tokens"]
+            bar.update(entry["tokens"])
+        log.debug("shard %s: %d sequences, %d tokens (replica %d)", w.plan.file, entry["rows"], entry["tokens"],
+                  w.slot)
+
+    def finish(w: ShardWork) -> None:
+        open_[w.slot].remove(w)
+        w.results = {}  # free the uncut results; the rows are what is written
+        writes.append(writer.submit(write, w))
+
+    def covered(w: ShardWork) -> None:
+        for j, member in w.inflight.items():  # sampled beyond the quota: not needed (the same ones every time)
+            outbox[w.slot][member]["abort"].append(f"s{w.plan.index}:{j}")
+        state["aborted"] += len(w.inflight)
+        w.inflight = {}
+        w.rows = w.cut(bos)
+        if not cfg.topk:
+            return finish(w)
+        for r, (tokens, member) in enumerate(zip(w.rows.tokens, w.rows.members)):
+            w.scoring[r] = max(member, 0)
+            outbox[w.slot][max(member, 0)]["score"].append((f"t{w.plan.index}:{r}", tokens))
+        w.rows.topk = [None] * len(w.rows.tokens)
+
+    def receive(slot: int, results: list) -> None:
+        by_index = {w.plan.index: w for w in open_[slot]}
+        for rid, ids, lps in results:
+            kind, (index, j) = rid[0], map(int, rid[1:].split(":"))
+            w = by_index.get(index)
+            if w is None:
+                continue
+            if kind == "s" and j in w.inflight:
+                lengths["tokens"] += len(ids) + 1
+                lengths["sequences"] += 1
+                w.add(j, ids, lps)
+                if w.covered and w.rows is None:
+                    covered(w)
+            elif kind == "t" and j in w.scoring:
+                del w.scoring[j]
+                w.rows.topk[j] = (ids, lps)
+                if not w.scoring:
+                    finish(w)
+
+    def lose(slot: int, why: str) -> None:
+        for w in reversed(open_[slot]):
+            todo.appendleft(w.plan)  # whole: its sequences are sampled again from their seeds
+        names = ", ".join(w.plan.file for w in open_[slot]) or "no shard"
+        open_[slot] = []
+        for box in outbox[slot]:
+            box["sample"], box["score"], box["abort"] = [], [], []
+        for h in [h for h, c in calls.items() if c[0] == slot]:
+            del calls[h]
+        log.warning("replica %d was lost (%s) while making %s: back to the queue, whole; starting a new replica",
+                    slot, why, names)
+        if not source.replace(slot, lambda: bool(todo) or any(open_)):
+            alive[slot] = False
+
+    def send(slot: int) -> None:
+        for m in range(members):
+            box = outbox[slot][m]
+            busy = any(c[0] == slot and c[1] == m for c in calls.values())
+            has_work = any(w.inflight or w.scoring for w in open_[slot])
+            if busy or not (box["sample"] or box["score"] or box["abort"] or has_work):
+                continue
+            handle = source.call(slot, m, bos, box["sample"], box["score"], box["abort"])
+            calls[handle] = (slot, m, time.monotonic())
+            box["sample"], box["score"], box["abort"] = [], [], []
 
     start = time.perf_counter()
-    with ThreadPoolExecutor(replicas) as pool:
-        for f in [pool.submit(work, slot) for slot in range(replicas)]:
+    try:
+        while True:
+            for slot in range(replicas):
+                if alive[slot]:
+                    fill(slot)
+                    send(slot)
+                    if not open_[slot] and not todo and not any(c[0] == slot for c in calls.values()):
+                        source.release(slot)  # done: free its node for a replacement elsewhere
+                        alive[slot] = False
+            for f in [f for f in writes if f.done()]:
+                writes.remove(f)
+                f.result()  # a write that failed (a full disk) ends the job, named
+            if not calls and not any(open_) and not todo:
+                break
+            if not calls and not any(alive):
+                break
+            for handle in source.wait(list(calls), 0.5):
+                slot, member, _ = calls.pop(handle)
+                try:
+                    results = source.result(handle)
+                except lost as e:
+                    lose(slot, f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                    continue
+                receive(slot, results)
+            now = time.monotonic()
+            for handle, (slot, member, sent) in list(calls.items()):
+                if handle in calls and now - sent > cfg.hang_timeout_s:
+                    lose(slot, f"engine {member} made no progress for {cfg.hang_timeout_s:.0f} s (hung)")
+        for f in writes:
             f.result()
+    finally:
+        writer.shutdown(wait=True, cancel_futures=True)  # a shard being written is finished and recorded whole
+        bar.close()
     wall = time.perf_counter() - start
-    bar.close()
-    if unfinished():  # every slot gave up while shards were left: cannot happen unless a slot raised
-        raise JobError(f"{out}: {len(pending) - recorded['shards']} shard(s) left unmade; re-run to finish")
-    return summarize(out, manifest, generated, wall)
-
-
-def duplicate_sequences(out: Path, manifest: dict) -> int:
-    """How many recorded sequences repeat an earlier one's content (by content_sha256)."""
-    seen, dups = set(), 0
-    for shard in manifest["shards"]:
-        for h in pq.read_table(out / shard["file"], columns=["content_sha256"]).column(0).to_pylist():
-            dups += h in seen
-            seen.add(h)
-    return dups
+    if state["recorded"] < len(pending):
+        raise JobError(f"{out}: {len(pending) - state['recorded']} shard(s) left unmade; re-run to finish")
+    summary = summarize(out, manifest, state["generated"], wall)
+    # sequences started but not kept (a covered shard's extra ones: over-generation), and rounds a shard needed after
+    # its first (its sequences came out shorter than the mean)
+    return {**summary, "aborted_sequences": state["aborted"], "top_ups": state["topped_up"]}
 
 
 def summarize(out: Path, manifest: dict, generated: int, wall: float) -> dict:

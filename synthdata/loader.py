@@ -1,7 +1,8 @@
 """Reading token shards for training: a synthetic data directory (this stage) or a train/ dataset's split.
 
 Both are Parquet files of one sequence per row (`tokens`, list<int32>, BOS first) listed with their sha256
-in a manifest; `TokenShards` streams the rows in manifest order, checking each file's bytes before use.
+in a manifest; `TokenShards` streams the rows in manifest order, checking each file's bytes before use. The
+synthetic format is synthdata/shards.py's: reading it imports no engine, vLLM or Ray.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from synthdata.job import JobError, read_manifest
+from synthdata.shards import JobError, iter_token_rows, read_manifest, verify_shard
 from synthdata.soft_targets import COLUMNS as SOFT_COLUMNS
 from synthdata.soft_targets import SoftTargetError, SoftTargets, read_columns
 from train.data import DataError, concat_tokens, sha256_file
@@ -81,14 +82,9 @@ class TokenShards:
     def sequences(self, verify: bool = True) -> Iterator[np.ndarray]:
         """Every row's tokens (int32), shard by shard, streamed one record batch at a time."""
         for f in self.files:
-            if verify and (not f.path.exists() or sha256_file(f.path) != f.sha256):
+            if verify and not verify_shard(f.path, f.sha256):
                 raise DataError(f"token shard {f.path} is missing or corrupt (sha256 differs from the manifest)")
-            for batch in pq.ParquetFile(f.path).iter_batches(columns=["tokens"]):
-                column = batch.column("tokens")
-                offsets = column.offsets.to_numpy()
-                values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
-                for a, b in zip(offsets[:-1], offsets[1:]):
-                    yield values[a:b]
+            yield from iter_token_rows(f.path)
 
     def soft_targets(self, verify: bool = True) -> SoftTargets:
         """The teacher's top-k at every position of `stream()` (synthdata.soft_targets): a row's last token has
@@ -97,7 +93,7 @@ class TokenShards:
             raise DataError(f"{self.root} holds no teacher top-k: it was generated without --topk")
         parts = []
         for f in self.files:
-            if verify and (not f.path.exists() or sha256_file(f.path) != f.sha256):
+            if verify and not verify_shard(f.path, f.sha256):
                 raise DataError(f"token shard {f.path} is missing or corrupt (sha256 differs from the manifest)")
             table = pq.read_table(f.path, columns=["length", *SOFT_COLUMNS])
             lengths = table.column("length").to_numpy().astype(np.int64)
