@@ -7,12 +7,12 @@ import logging
 from pathlib import Path
 
 from bench.fits import FitError, data_efficiency, fit_power_law
-from train.console import exit_on, setup_logging
+from train.console import ChorusError, exit_on, setup_logging
 
 log = logging.getLogger(__name__)
 
 
-class PointsError(ValueError):
+class PointsError(ChorusError):
     """A points file that cannot be read as the requested (series, x, y) records."""
 
 

@@ -44,7 +44,7 @@ from bench.analysis import (
 from bench.evaluate import validation_loss
 from bench.report import markdown_table, plot_data_efficiency, write_text
 from train.artifacts import OutputLock, atomic_write_json, read_json
-from train.console import exit_on, setup_logging
+from train.console import ChorusError, exit_on, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +80,7 @@ PROFILES = {
 }
 
 
-class CptStudyError(ValueError):
+class CptStudyError(ChorusError):
     """Settings or inputs the study cannot run with, named."""
 
 
@@ -313,10 +313,10 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     if args.report_only:
-        with exit_on(CptStudyError):
+        with exit_on():
             print(report_only(Path(args.out)).read_text())
         return
-    with exit_on(CptStudyError, ValueError):
+    with exit_on():
         if not Path(args.wiki_corpus).exists():
             raise CptStudyError(f"the base's corpus {args.wiki_corpus} does not exist (pass --wiki-corpus)")
         from train.corpus import default_corpus

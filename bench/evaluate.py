@@ -19,11 +19,12 @@ from tqdm import tqdm
 
 from serve.reference import ReferenceEnsemble
 from train.data import IGNORE_INDEX, load_tokens, read_manifest, tokenizer_hash, windows
+from train.console import ChorusError
 
 log = logging.getLogger(__name__)
 
 
-class EvalError(ValueError):
+class EvalError(ChorusError):
     """A model and a dataset (or task) that cannot be evaluated together, named."""
 
 

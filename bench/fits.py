@@ -51,6 +51,8 @@ from scipy.stats import f as f_distribution
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
+from train.console import ChorusError
+
 N_PARAMS = 3
 # The exponent is searched on this log grid, then refined inside the best cell. Beyond 20 the curve is a step.
 B_GRID = np.geomspace(1e-3, 20.0, 161)
@@ -70,7 +72,7 @@ LEVEL = 0.95
 LACK_OF_FIT_ALPHA = 0.05
 
 
-class FitError(ValueError):
+class FitError(ChorusError):
     """Input that no power law can be fitted to (NaN, non-positive x, mismatched lengths)."""
 
 

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200)")
     args = p.parse_args(argv)
     setup_logging()
-    with exit_on(ValueError):  # every stage's input errors are ValueErrors that name the problem
+    with exit_on():  # every stage's input errors derive from ChorusError and name the problem
         profile = load_profile(args.profile)
         e, lr, wd = profile.start
         e, lr, wd = args.epochs or e, args.lr or lr, args.wd if args.wd is not None else wd

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 
 from train.artifacts import OutputLock, atomic_write_json, atomic_write_text, read_json
-from train.console import exit_on, setup_logging
+from train.console import ChorusError, exit_on, setup_logging
 from train.search import Ledger
 
 log = logging.getLogger("bench.study")
@@ -52,7 +52,7 @@ PARTIAL_REPORT_EVERY_S = 300  # a phase ending this long after the last report w
 SYNTHETIC_MARGIN = 1.1  # synthetic windows generated per window a student is expected to draw (plus 16)
 
 
-class StudyError(ValueError):
+class StudyError(ChorusError):
     """A study that cannot run: bad profile, corpus, output directory or settings."""
 
 

@@ -30,13 +30,14 @@ from synthdata.loader import TokenShards
 from train.artifacts import atomic_write_json
 from train.data import DataError, load_tokens, read_manifest, windows
 from train.trainer import TrainConfig, token_loss_on_device, train_loop, validation_windows
+from train.console import ChorusError
 
 log = logging.getLogger(__name__)
 
 RECIPES = {"ensemble": 0.75, "self": 0.75, "synthetic-only": 0.5}  # recipe -> default w
 
 
-class DistillError(ValueError):
+class DistillError(ChorusError):
     """Inputs that cannot make a student: found before any training starts."""
 
 

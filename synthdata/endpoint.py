@@ -22,12 +22,13 @@ import httpx
 import numpy as np
 
 from synthdata.engine import SamplingSettings
+from train.console import ChorusError
 
 API_KEY_ENV = "CHORUS_API_KEY"  # the same variable `serve up` reads its key from
 TOKEN_PREFIX = "token_id:"
 
 
-class EndpointError(RuntimeError):
+class EndpointError(ChorusError, RuntimeError):
     """The endpoint is unreachable, serves another model, or answered something that is not a completion."""
 
 

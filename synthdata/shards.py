@@ -32,13 +32,14 @@ import pyarrow.parquet as pq
 from synthdata.soft_targets import topk_arrays
 from train.artifacts import atomic_write_json, publish_file
 from train.data import read_json_manifest, sha256_file
+from train.console import ChorusError
 
 log = logging.getLogger(__name__)
 
 MANIFEST_FORMAT = "chorus.synthetic.v2"  # v2: 63-bit sequence seeds, a content hash per sequence
 
 
-class JobError(ValueError):
+class JobError(ChorusError):
     """Bad job settings, or an output directory that holds another job."""
 
 

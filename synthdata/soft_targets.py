@@ -23,12 +23,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from train.console import ChorusError
+
 COLUMNS = ("topk_ids", "topk_logprobs", "topk_tail")
 METHOD = ("vLLM prompt_logprobs (flat) over the finished sequence through the teacher's engine: one prefill "
           "pass, temperature 1, no top-p")
 
 
-class SoftTargetError(ValueError):
+class SoftTargetError(ChorusError):
     """Top-k columns that are missing, of another k, or not aligned with their tokens."""
 
 
