@@ -535,7 +535,7 @@ def run_shards(cfg: GenerateConfig, out: Path, job: dict, manifest: dict, pendin
         for m in range(members):
             box = outbox[slot][m]
             busy = any(c[0] == slot and c[1] == m for c in calls.values())
-            has_work = any(w.inflight or w.scoring for w in open_[slot])
+            has_work = any(member == m for w in open_[slot] for member in (*w.inflight.values(), *w.scoring.values()))
             if busy or not (box["sample"] or box["score"] or box["abort"] or has_work):
                 continue
             handle = source.call(slot, m, bos, box["sample"], box["score"], box["abort"])
