@@ -441,8 +441,11 @@ def run_shards(cfg: GenerateConfig, out: Path, job: dict, manifest: dict, pendin
     writer = ThreadPoolExecutor(1, thread_name_prefix="shard-writer")
     writes = []
 
-    def mean_len() -> float:  # stored tokens per sequence so far in this run (before any: half the longest)
-        return lengths["tokens"] / lengths["sequences"] if lengths["sequences"] >= 8 else source.settings.max_len / 2
+    def mean_len() -> float:
+        """Stored tokens per sequence, from the kept sequences of covered shards (all of a prefix, so not biased
+        toward the short ones that finish first); until there are some, the longest a sequence can be: a shard then
+        asks only for sequences it certainly needs, and tops up when they certainly fall short."""
+        return lengths["tokens"] / lengths["sequences"] if lengths["sequences"] >= 8 else float(source.settings.max_len)
 
     def inflight(slot: int) -> int:
         return sum(len(w.inflight) + len(w.scoring) for w in open_[slot])
@@ -490,6 +493,8 @@ def run_shards(cfg: GenerateConfig, out: Path, job: dict, manifest: dict, pendin
             outbox[w.slot][member]["abort"].append(f"s{w.plan.index}:{j}")
         state["aborted"] += len(w.inflight)
         w.inflight = {}
+        lengths["tokens"] += w.prefix_tokens
+        lengths["sequences"] += w.prefix
         w.rows = w.cut(bos)
         if not cfg.topk:
             return finish(w)
@@ -506,8 +511,6 @@ def run_shards(cfg: GenerateConfig, out: Path, job: dict, manifest: dict, pendin
             if w is None:
                 continue
             if kind == "s" and j in w.inflight:
-                lengths["tokens"] += len(ids) + 1
-                lengths["sequences"] += 1
                 w.add(j, ids, lps)
                 if w.covered and w.rows is None:
                     covered(w)
@@ -526,8 +529,8 @@ def run_shards(cfg: GenerateConfig, out: Path, job: dict, manifest: dict, pendin
             box["sample"], box["score"], box["abort"] = [], [], []
         for h in [h for h, c in calls.items() if c[0] == slot]:
             del calls[h]
-        log.warning("replica %d was lost (%s) while making %s: back to the queue, whole; starting a new replica",
-                    slot, why, names)
+        log.warning("replica %d was lost while making %s (%s): back to the queue, whole; starting a new replica",
+                    slot, names, why)
         if not source.replace(slot, lambda: bool(todo) or any(open_)):
             alive[slot] = False
 
