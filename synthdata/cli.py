@@ -43,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also store the teacher's k most likely next tokens and their log-probs at every position "
                         "(soft labels for `python -m distill --blend`; temperature 1, no top-p); default 0: off")
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per engine on CPU, GiB (default 1)")
+    p.add_argument("--inflight", type=int, default=512,
+                   help="sequences kept in each engine's queue (endpoint: requests in flight per slot); default 512")
+    p.add_argument("--hang-timeout-s", type=float, default=300.0,
+                   help="an engine call unanswered this long is a hung engine, replaced like a dead one (default 300)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -82,7 +86,8 @@ def cmd_generate(args) -> dict:
                          replicas=args.replicas, temperature=args.temperature, top_p=args.top_p,
                          max_len=args.max_len, seed=args.seed, shard_tokens=args.shard_tokens,
                          address=args.address, kv_cache_gib=args.kv_cache_gib, progress=not args.no_progress,
-                         endpoint=args.endpoint, max_restarts=args.max_restarts, topk=args.topk)
+                         endpoint=args.endpoint, max_restarts=args.max_restarts, topk=args.topk,
+                         inflight=args.inflight, hang_timeout_s=args.hang_timeout_s)
     return generate(cfg)
 
 

@@ -130,6 +130,10 @@ def check_config(cfg: GenerateConfig, teacher: Teacher) -> SamplingSettings:
     if cfg.topk and cfg.endpoint:
         raise JobError("--topk scores each finished sequence with the teacher's engine: it needs engines, not "
                        "--endpoint")
+    if cfg.inflight < 1:
+        raise JobError(f"inflight must be >= 1 (got {cfg.inflight})")
+    if not cfg.hang_timeout_s > 0:
+        raise JobError(f"hang_timeout_s must be > 0 (got {cfg.hang_timeout_s})")
     if cfg.shard_tokens < 1:
         raise JobError(f"shard_tokens must be >= 1 (got {cfg.shard_tokens})")
     if not cfg.temperature > 0:

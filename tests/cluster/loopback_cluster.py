@@ -92,7 +92,11 @@ def ray_cluster():
     from ray.cluster_utils import Cluster
 
     before = {k: os.environ.get(k) for k in LOOPBACK_ENV}
-    os.environ.update(LOOPBACK_ENV)  # the nodes' processes inherit it
+    for key, value in LOOPBACK_ENV.items():  # the nodes' processes inherit it (None: unset, e.g. RAY_ADDRESS)
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
     single_machine = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     cluster = Cluster(initialize_head=True, head_node_args={
@@ -101,8 +105,7 @@ def ray_cluster():
         # raylet busy beside two vLLM engines starting up missed three 1 s checks and was declared dead.
         "_system_config": {"health_check_initial_delay_ms": 0, "health_check_period_ms": 2000,
                            "health_check_failure_threshold": 5}})
-    env = {**os.environ, **LOOPBACK_ENV, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     handle = LoopbackCluster(cluster, env)
     try:
         for _ in range(WORKER_NODES):

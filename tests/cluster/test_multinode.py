@@ -69,7 +69,7 @@ def offline_job_with_node_kill(ray_cluster, packed_teacher, tmp_path_factory) ->
     out = tmp_path_factory.mktemp("cluster-synth") / "job"
     cmd = [PY, "-m", "synthdata", "generate", "--teacher", str(packed_teacher), "--tokens", str(TOKENS),
            "--shard-tokens", str(SHARD_TOKENS), "--out", str(out), "--replicas", "2", "--address",
-           ray_cluster.address, "--no-progress"]
+           ray_cluster.address, "--no-progress", "--inflight", "4"]  # shallow: shards finish one by one
     log_path = out.parent / "job.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.PIPE, stderr=log, text=True)
