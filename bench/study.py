@@ -549,10 +549,15 @@ class Study:
         students += [("self", i, i, False) for i in range(p.self_teachers)]
         students += [("soft", i, None, True) for i in range(p.soft_students)]
         students += [("soft-self", i, i, True) for i in range(p.soft_self_teachers)]
+        synthetic, annotated = {}, {}  # teacher name -> its synthetic job / annotations, prepared on first use
         for kind, i, member, soft in students:
             teacher, name = self.distill_teacher(member)
-            synth_dir = self.synthetic_for(teacher, name, member, budget, soft_budget)
-            annotations = self.annotations_for(teacher, name) if soft else None
+            if name not in synthetic:  # once per teacher, not once per student (each call re-verifies every shard)
+                synthetic[name] = self.synthetic_for(teacher, name, member, budget, soft_budget)
+            synth_dir = synthetic[name]
+            if soft and name not in annotated:
+                annotated[name] = self.annotations_for(teacher, name)
+            annotations = annotated[name] if soft else None
             recipe = "ensemble" if member is None else "self"
             seed = {"ensemble": 1000, "self": 2000, "soft": 4000, "soft-self": 5000}[kind] + i
             cfg = DistillConfig(train=dataclasses.replace(soft_student if soft else student, seed=seed),
