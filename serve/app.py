@@ -23,6 +23,7 @@ from pathlib import Path
 
 import httpx
 
+from serve.draft import check_draft, speculative_config
 from serve.engine import engine_dtype
 from serve.pack import PackError, check_weights, read_config
 from train.console import ChorusError
@@ -64,6 +65,10 @@ class EnsembleConfig:
     allow_unauthenticated: bool = False  # serve a non-loopback host without an API key (refused otherwise)
     port: int = 8000
     max_model_len: int | None = None  # default: the members' context
+    # Speculative decoding (serve/draft.py): a small model sharing the tokenizer drafts, the ensemble verifies.
+    draft: str | None = None  # draft model directory (the distilled student); None: no speculation
+    num_speculative_tokens: int = 4  # tokens the draft proposes per step
+    draft_max_batch: int | None = None  # speculate only while at most this many sequences run (None: always)
     kv_cache_bytes: int = 1 << 30  # per replica; the CPU build needs it explicitly
     max_num_seqs: int = 64
     enforce_eager: bool = True  # CPU: skip torch.compile, start in seconds instead of minutes
@@ -93,6 +98,9 @@ class EnsembleConfig:
                              f"key, or allow unauthenticated access explicitly (--allow-unauthenticated) if intended")
         read_config(self.model_dir)  # a clear error for a directory that is not a model
         check_weights(self.model_dir)  # a truncated, damaged or corrupt weights file is named before any engine starts
+        if self.draft is not None:
+            check_draft(self.model_dir, self.draft, self.max_model_len)  # another tokenizer or vocabulary: named
+            speculative_config(self.draft, self.num_speculative_tokens, self.draft_max_batch, self.max_num_seqs)
         if self.replicas < 1:
             raise PackError(f"replicas must be >= 1 (got {self.replicas})")
         if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
@@ -124,6 +132,9 @@ class EnsembleConfig:
                 "--max-logprobs", str(self.max_logprobs)]
         if self.max_model_len:
             argv += ["--max-model-len", str(self.max_model_len)]
+        if self.draft is not None:
+            argv += ["--speculative-config", json.dumps(speculative_config(
+                self.draft, self.num_speculative_tokens, self.draft_max_batch, self.max_num_seqs))]
         if self.enforce_eager:
             argv.append("--enforce-eager")
         return argv  # no --api-key: ApiKeyGuard checks every route, and the key stays out of vLLM's args and logs

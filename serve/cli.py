@@ -53,6 +53,8 @@ def cmd_up(args) -> None:
                             allow_unauthenticated=args.allow_unauthenticated, max_model_len=args.max_model_len,
                             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
                             enforce_eager=not args.compile, max_replicas_per_node=args.max_replicas_per_node,
+                            draft=args.draft, num_speculative_tokens=args.num_speculative_tokens,
+                            draft_max_batch=args.draft_max_batch,
                             **{name: getattr(args, name) for name in LIMIT_FLAGS})
     try:
         url = start_app(config, address=args.address)  # a start cut short by Ctrl-C/SIGTERM tears itself down
@@ -104,6 +106,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per replica in GiB (default 1)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences batched at once per replica (default 64)")
     p.add_argument("--compile", action="store_true", help="let vLLM torch.compile the model (slow start; default eager)")
+    spec = p.add_argument_group("speculative decoding", "a small model sharing the ensemble's tokenizer proposes tokens, "
+                                "the ensemble verifies several in one pass; the output is distributed exactly as "
+                                "without it (greedy output identical). Pays at low concurrency with a good draft "
+                                "(README, 'Speculative decoding')")
+    spec.add_argument("--draft", help="draft model directory: the distilled student from `distill` (intended), a "
+                                      "member, or any Llama sharing the tokenizer (another tokenizer is refused)")
+    spec.add_argument("--num-speculative-tokens", type=int, default=4,
+                      help="tokens the draft proposes per step (default 4)")
+    spec.add_argument("--draft-max-batch", type=int,
+                      help="speculate only while at most this many sequences run; a fuller batch decodes without "
+                           "the draft (default: always speculate)")
     limits = p.add_argument_group("limits", "what one request may ask for (past a limit: a 4xx naming it and the flag "
                                             "that raises it), how long it may take, and how many may wait")
     d = EnsembleConfig(model_dir="")

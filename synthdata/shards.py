@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synthdata.soft_targets import topk_arrays
-from train.artifacts import atomic_write_json, publish_file
+from train.artifacts import atomic_write_json, disk_full_named, publish_file
 from train.data import read_json_manifest, sha256_file
 from train.console import ChorusError
 
@@ -174,7 +174,8 @@ def write_shard(out: Path, plan: ShardPlan, rows: ShardRows, job: dict, source: 
     """Write the shard atomically (temp file, fsync'ed rename); return its manifest entry (not yet recorded)."""
     path = out / plan.file
     tmp = out / (plan.file + ".tmp")
-    pq.write_table(shard_table(plan, rows, job), tmp)
+    with disk_full_named(path, cleanup=tmp):  # a full disk: named, the half-written temp file removed, nothing recorded
+        pq.write_table(shard_table(plan, rows, job), tmp)
     publish_file(tmp, path)
     return {"file": plan.file, "index": plan.index, "seed": plan.seed, "rows": len(rows.tokens), "tokens": rows.count,
             "sha256": sha256_file(path), "source": source}

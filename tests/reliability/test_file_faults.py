@@ -135,6 +135,31 @@ def test_a_full_disk_while_publishing_a_shard_is_named_and_nothing_published(tmp
     assert list(tmp_path.iterdir()) == []  # the temp file is gone (its space given back), nothing published
 
 
+def test_a_full_disk_while_writing_a_shards_parquet_is_named_and_nothing_left(tmp_path, monkeypatch):
+    """The disk fills inside Arrow's Parquet writer (before the rename): named, the half-written temp file removed."""
+    import numpy as np
+
+    from synthdata import shards
+
+    plan = shards.ShardPlan(index=0, quota=6, seed=1)
+    rows = shards.ShardRows([np.array([0, 5, 6], np.int32), np.array([0, 7, 1], np.int32)], [-1, -1], [-1.0, -2.0],
+                            [11, 12])
+    job = {"teacher_sha256": "t", "sampling": {"temperature": 1.0, "top_p": 1.0, "max_len": 3}}
+    real_write = shards.pq.write_table
+
+    def half_then_full(table, where, *args, **kwargs):
+        Path(where).write_bytes(b"PAR1 half")
+        raise OSError(f"IOError: {os.strerror(errno.ENOSPC)}. Detail: [errno {errno.ENOSPC}]")  # Arrow's own text
+
+    monkeypatch.setattr(shards.pq, "write_table", half_then_full)
+    with pytest.raises(DiskFullError, match="shard-00000.parquet"):
+        shards.write_shard(tmp_path, plan, rows, job)
+    assert list(tmp_path.iterdir()) == []  # neither the temp file nor a shard
+    monkeypatch.setattr(shards.pq, "write_table", real_write)  # the control: with space the same write goes through
+    entry = shards.write_shard(tmp_path, plan, rows, job)
+    assert entry["rows"] == 2 and (tmp_path / "shard-00000.parquet").exists()
+
+
 def test_other_os_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
     def eio(*args):
         raise OSError(errno.EIO, os.strerror(errno.EIO))
