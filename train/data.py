@@ -9,6 +9,9 @@ Layout of a dataset directory:
 The split is by document content hash, so the validation set is fixed for a corpus whatever the
 budget or file order. Training documents are ordered by hash (a fixed shuffle), so a budget of D
 tokens is the first D tokens of that stream: budgets are nested and every run sees the same ones.
+With `chunk_tokens` set, each row is a chunk instead of a document: the training documents are cut
+into chunks of that many tokens and the chunks shuffled together (seeded), so even a small budget
+draws from many documents, and the validation set is one chunk from each validation document.
 """
 from __future__ import annotations
 
@@ -48,6 +51,8 @@ class DatasetSpec:
     val_max_tokens: int = 100_000
     max_chars: int | None = None  # read at most this much of the corpus (large corpora)
     tokenizer: str | None = None  # an existing model's tokenizer directory (continued pre-training); None: train one
+    chunk_tokens: int | None = None  # rows are seeded-shuffled chunks of this many tokens, not whole documents
+    chunk_seed: int = 0
 
 
 def _doc_hash(doc: str) -> str:
@@ -62,6 +67,8 @@ def _inputs_key(spec: DatasetSpec) -> dict:
         del key["spec"]["tokenizer"]  # datasets made before the option existed stay the same dataset
     else:
         key["tokenizer_sha256"] = tokenizer_hash(_tokenizer_source(spec.tokenizer))
+    if not spec.chunk_tokens:  # the same for whole-document datasets made before chunking existed
+        del key["spec"]["chunk_tokens"], key["spec"]["chunk_seed"]
     return json.loads(json.dumps(key))  # as it reads back from the manifest
 
 
@@ -206,6 +213,10 @@ def _prepare_dataset(spec: DatasetSpec, out_dir: Path) -> dict:
         return ids
 
     train_ids, val_ids = encode(train), encode(val)
+    train_hashes, val_hashes = [h for h, _ in train], [h for h, _ in val]
+    if spec.chunk_tokens:
+        train_ids, train_hashes = shuffled_chunks(train_ids, train_hashes, spec.chunk_tokens, spec.chunk_seed)
+        val_ids = one_chunk_each(val_ids, spec.chunk_tokens, spec.chunk_seed)
     # The validation set is capped, and the cap is part of the dataset: every run evaluates the same tokens.
     kept, total = [], 0
     for e in val_ids:
@@ -223,8 +234,8 @@ def _prepare_dataset(spec: DatasetSpec, out_dir: Path) -> dict:
         "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
         "tokenizer_sha256": tokenizer_hash(tok_dir),
         "splits": {
-            "train": {"shards": _write_shards(out_dir, "train", train_ids, [h for h, _ in train])},
-            "val": {"shards": _write_shards(out_dir, "val", val_ids, [h for h, _ in val[: len(val_ids)]])},
+            "train": {"shards": _write_shards(out_dir, "train", train_ids, train_hashes)},
+            "val": {"shards": _write_shards(out_dir, "val", val_ids, val_hashes[: len(val_ids)])},
         },
     }
     for split in manifest["splits"].values():
@@ -236,6 +247,25 @@ def _prepare_dataset(spec: DatasetSpec, out_dir: Path) -> dict:
         manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"], manifest["vocab_size"],
     )
     return manifest
+
+
+def shuffled_chunks(token_lists: list[list[int]], hashes: list[str], chunk_tokens: int,
+                    seed: int) -> tuple[list[list[int]], list[str]]:
+    """Every document cut into chunks of `chunk_tokens` (its last one shorter), all chunks in one seeded order,
+    each with its document's hash: a budget (a prefix of the stream) then spans many documents, not a few whole
+    ones, and a larger budget extends a smaller one."""
+    chunks = [(h, ids[i : i + chunk_tokens]) for ids, h in zip(token_lists, hashes)
+              for i in range(0, len(ids), chunk_tokens)]
+    order = np.random.default_rng(seed).permutation(len(chunks))
+    return [chunks[i][1] for i in order], [chunks[i][0] for i in order]
+
+
+def one_chunk_each(token_lists: list[list[int]], chunk_tokens: int, seed: int) -> list[list[int]]:
+    """One chunk of `chunk_tokens` from each document, at a seeded offset: a fixed validation set that spans as
+    many documents as the cap allows rather than the first few whole ones."""
+    rng = np.random.default_rng(seed)
+    starts = [int(rng.integers(0, max(1, len(ids) - chunk_tokens + 1))) for ids in token_lists]
+    return [ids[s : s + chunk_tokens] for ids, s in zip(token_lists, starts)]
 
 
 def read_manifest(data_dir: str | Path) -> dict:
