@@ -4,7 +4,11 @@
     python -m bench.pipeline                                         # the main job: the profile `main`
 
 Phases, each resumable, each followed by a (partial) report when the profile is long:
-    data        corpus -> tokenizer + token shards (train.data.prepare_dataset)
+    data        corpus -> tokenizer + token shards (train.data.prepare_dataset); a calibration profile generates its
+                corpus (bench.calibration: an order-2 Markov source) and computes its Bayes floor first
+    gate        (profiles with gate_epochs) a few runs that check the regime shows the paper's effects at all: the
+                largest size beats the smallest, the standard recipe overfits in epochs; a failed gate stops the
+                study (its report says why) unless --past-gate
     search      per model size N: the same coordinate descent for both recipes (train.search: the regularized
                 recipe searches epochs, lr and wd; the standard one epochs and lr at wd 0.1), or the profile's
                 fixed settings when it does not search
@@ -47,7 +51,7 @@ log = logging.getLogger("bench.study")
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
-PHASES = ("data", "search", "members", "ensembles", "budgets", "serve", "distill", "downstream")
+PHASES = ("data", "gate", "search", "members", "ensembles", "budgets", "serve", "distill", "downstream")
 PARTIAL_REPORT_EVERY_S = 300  # a phase ending this long after the last report writes a partial one
 SYNTHETIC_MARGIN = 1.1  # synthetic windows generated per window a student is expected to draw (plus 16)
 
@@ -105,6 +109,15 @@ class StudyProfile:
     soft_blend: float = 0.5
     soft_wd: float = 0.8
     topk: int = 32
+    budget_seeds: int | None = None  # seeds at each budget's optima (None: `seeds`)
+    chunk_tokens: int | None = None  # budgets are prefixes of a stream of shuffled chunks (train.data.shuffled_chunks)
+    # the gate: regularized runs at `start` for the smallest and largest size, the standard recipe at the largest
+    # size at each of gate_epochs; passes when largest beats smallest by gate_min_gap nats and the standard
+    # recipe's loss at its most epochs is gate_overfit nats above its best (empty: no gate)
+    gate_epochs: tuple[int, ...] = ()
+    gate_min_gap: float = 0.05
+    gate_overfit: float = 0.02
+    calibration: dict | None = None  # a bench.calibration.MarkovSource: the corpus is generated, its floor known
 
 
 def _as_tuple(v):
@@ -166,10 +179,46 @@ def check_profile(p: StudyProfile, where: Path | str) -> None:
         bad("budgets", f"must be positive and other than the main budget tokens = {p.tokens} (it is added)")
     if p.limits is not None and (len(p.limits) != 3 or any(len(lim) != 2 for lim in p.limits)):
         bad("limits", "must be 3 pairs [lo, hi] for epochs, lr, wd")
+    if p.budget_seeds is not None and p.budget_seeds < 2:
+        bad("budget_seeds", "must be >= 2: a budget's optimum needs its seed noise too")
+    if p.chunk_tokens is not None and p.chunk_tokens < 2:
+        bad("chunk_tokens", "must be >= 2 tokens (or absent: whole documents)")
+    if p.gate_epochs and (len(p.gate_epochs) < 3 or list(p.gate_epochs) != sorted(set(p.gate_epochs))):
+        bad("gate_epochs", "must be >= 3 distinct epoch counts in increasing order: overfitting is a rise after a fall")
+    if p.gate_epochs and len(p.presets) < 2:
+        bad("gate_epochs", "needs >= 2 presets: the gate compares the smallest and the largest")
+    if p.calibration is not None:
+        from bench.calibration import CalibrationError, MarkovSource
+
+        if p.chunk_tokens:
+            bad("chunk_tokens", "cannot go with calibration: the floor is computed over whole validation documents")
+        try:
+            MarkovSource.from_record(p.calibration)
+        except (CalibrationError, TypeError) as e:
+            bad("calibration", str(e))
 
 
 def profile_names() -> list[str]:
     return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def gate_verdict(small: float, large: float, standard_by_epochs: dict[int, float], min_gap: float,
+                 overfit: float) -> dict:
+    """Does the regime show the effects? (a) the largest size (regularized) beats the smallest by >= min_gap nats;
+    (b) the standard recipe overfits in epochs: its loss at the most epochs is >= `overfit` nats above its best,
+    and that best is not at the most epochs. One seed per run: the margins are several seed SDs by design."""
+    epochs = sorted(standard_by_epochs)
+    best = min(epochs, key=lambda n: standard_by_epochs[n])
+    rise = standard_by_epochs[epochs[-1]] - standard_by_epochs[best]
+    ladder = ", ".join(f"{n}: {standard_by_epochs[n]:.4f}" for n in epochs)
+    checks = [
+        {"name": "loss falls with N", "passed": small - large >= min_gap,
+         "detail": f"largest - smallest = {large - small:+.4f} nats (needs <= {-min_gap:+.3f})"},
+        {"name": "the standard recipe overfits in epochs", "passed": best != epochs[-1] and rise >= overfit,
+         "detail": f"standard loss by epochs {ladder}; best at {best}, {rise:+.4f} nats at {epochs[-1]} "
+                   f"(needs >= {overfit:+.3f})"},
+    ]
+    return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
 def synthetic_budget(real_tokens: int, context: int, batch_size: int, epochs: int, w: float) -> int:
@@ -196,6 +245,7 @@ class StudyConfig:
     n_boot: int = 200
     tasks: tuple[str, ...] = ()  # extra downstream task files
     command: str = ""
+    past_gate: bool = False  # run the study on after a failed gate (the report keeps the verdict)
 
 
 # ---- bookkeeping: the evaluation cache --------------------------------------------------------------
@@ -313,7 +363,13 @@ class Study:
         self.results_path = self.out / "results.json"
         self.results = read_json(self.results_path, "study results") if self.results_path.exists() else {}
         profile = json.loads(json.dumps(dataclasses.asdict(self.p)))  # as it reads back from results.json
-        if self.results.setdefault("profile", profile) != profile:
+        stored = self.results.setdefault("profile", profile)
+        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(StudyProfile)
+                                          if f.default is not dataclasses.MISSING}))
+        for k in set(profile) - set(stored):  # a field added since the study started, at its default: the same study
+            if k in defaults and profile[k] == defaults[k]:
+                stored[k] = profile[k]
+        if stored != profile:
             diff = sorted(k for k in profile if self.results["profile"].get(k) != profile[k])
             raise StudyError(f"{self.out} holds a study of another profile (differs in: {', '.join(diff)}); "
                              "use another --out or the same settings")
@@ -409,20 +465,66 @@ class Study:
             log.info("using the existing dataset %s (the profile's corpus settings do not apply)", self.data_dir)
         else:
             corpus = list(self.cfg.corpus)
-            if not corpus:
+            if not corpus and self.p.calibration is not None:
+                from bench.calibration import MarkovSource, write_corpus
+
+                corpus = [str(write_corpus(MarkovSource.from_record(self.p.calibration), self.out / "calibration"))]
+            elif not corpus:
                 corpus = [str(default_corpus(ROOT / ".cache" / "corpus")) if self.p.corpus == "default"
                           else str((ROOT / self.p.corpus).resolve())]
             for c in corpus:
                 if not Path(c).exists():
                     raise StudyError(f"corpus {c} does not exist")
             spec = DatasetSpec(corpus=tuple(corpus), vocab_size=self.p.vocab_size, val_max_tokens=self.p.val_tokens,
-                               max_chars=self.p.max_chars)
+                               max_chars=self.p.max_chars, chunk_tokens=self.p.chunk_tokens)
             manifest = prepare_dataset(spec, self.data_dir)
         needed = max((self.p.tokens, *self.p.budgets))
         load_tokens(self.data_dir, "train", needed, verify=False)  # a corpus too small fails here, named
+        val = manifest["splits"]["val"]
         self.results["dataset"] = {"corpus": corpus, "vocab_size": manifest["vocab_size"],
                                    "train_tokens": manifest["splits"]["train"]["tokens"],
-                                   "val_tokens": manifest["splits"]["val"]["tokens"]}
+                                   "val_tokens": val["tokens"], "val_documents": val["documents"],
+                                   "chunk_tokens": manifest["inputs"]["spec"].get("chunk_tokens")}
+        if self.p.calibration is not None:
+            self.results["calibration"] = self.calibration_floor(manifest)
+
+    def calibration_floor(self, manifest: dict) -> dict:
+        """The Bayes floor of the calibration source on this dataset's validation stream (bench.calibration)."""
+        from bench.calibration import MarkovSource, draw_chain, symbol_tokens, validation_floor
+        from train.data import load_tokenizer, load_tokens
+
+        source = MarkovSource.from_record(self.p.calibration)
+        start, token_symbol = symbol_tokens(load_tokenizer(self.data_dir / "tokenizer"), source.symbols)
+        floor = validation_floor(draw_chain(source), source.p_end, load_tokens(self.data_dir, "val"), self.p.context,
+                                 manifest["bos_token_id"], manifest["eos_token_id"], start, token_symbol)
+        log.info("calibration floor %.4f nats/token on %d validation targets (entropy rate %.4f)", floor["floor"],
+                 floor["targets"], floor["entropy_rate"])
+        return floor
+
+    def phase_gate(self) -> None:
+        """A few runs at the main budget (in the search's ledgers, so its start points are not trained twice)."""
+        p = self.p
+        if not p.gate_epochs:
+            return
+        e, lr, wd = p.start
+        small, large = p.presets[0], p.presets[-1]
+        regularized = {preset: self.train([self.at(preset, p.tokens, e, lr, wd)], self.ledger_dir(preset, p.tokens),
+                                          f"gate {preset}")[0]["val_loss"] for preset in (small, large)}
+        standard = self.train([self.at(large, p.tokens, n, lr, 0.1) for n in p.gate_epochs],
+                              self.ledger_dir(large, p.tokens), f"gate {large} standard")
+        verdict = gate_verdict(regularized[small], regularized[large],
+                               {n: r["val_loss"] for n, r in zip(p.gate_epochs, standard)}, p.gate_min_gap,
+                               p.gate_overfit)
+        self.results["gate"] = {**verdict, "small": small, "large": large, "recipe": [e, lr, wd], "tokens": p.tokens}
+        for check in verdict["checks"]:
+            log.info("gate: %s: %s (%s)", check["name"], "passed" if check["passed"] else "FAILED", check["detail"])
+        if not verdict["passed"] and not self.cfg.past_gate:
+            self.save("gate")
+            write_report(self.results, self.out, self.cfg.n_boot)
+            raise StudyError(f"the gate failed: this regime does not show the effects the study measures "
+                             f"({'; '.join(c['detail'] for c in verdict['checks'] if not c['passed'])}); "
+                             f"{self.out / 'REPORT.md'} says so. Change the profile, or re-run with --past-gate to "
+                             "run the study anyway")
 
     def phase_search(self) -> None:
         from train.model import get_shape
@@ -488,7 +590,7 @@ class Study:
                 row = {}
                 for recipe in ("standard", "regularized"):
                     o = self.optimum(preset, tokens, standard=recipe == "standard")
-                    seeds = self.seeds_at(preset, tokens, o, self.p.seeds)
+                    seeds = self.seeds_at(preset, tokens, o, self.p.budget_seeds or self.p.seeds)
                     row[recipe] = {**{k: o[k] for k in ("epochs", "lr", "wd", "certified", "reason")},
                                    "seeds": [m["val_loss"] for m in seeds]}
                 per_d[str(tokens)] = row
@@ -938,6 +1040,14 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
     top = [q for q in p["presets"] if q in results.get("members", {})]
     if "data:standard" in recipes:
         data_law = fit_over_x(table, "data:standard", n_boot)
+    floor = results.get("calibration", {}).get("floor")
+    if floor is not None:  # a limit below the source's Bayes floor is flagged, so no headline is derived from it
+        from bench.calibration import flag_below_floor
+
+        size_laws = {r: flag_below_floor(f, floor) for r, f in size_laws.items()}
+        per_k = {q: flag_below_floor(f, floor) for q, f in per_k.items()}
+        joint, data_law = flag_below_floor(joint, floor), flag_below_floor(data_law, floor)
+    if data_law is not None:
         for d, best in best_per_budget(results).items():
             if "regularized" in best:
                 name = f"regularized, best N ({best['regularized'][0]}), D={d:,}"
@@ -1001,6 +1111,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="directory of downstream task files (JSON lines); absent: those tasks are skipped")
     parser.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     parser.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples per fit (default 200)")
+    parser.add_argument("--past-gate", action="store_true",
+                        help="run the study on after a failed gate phase (its report keeps the verdict)")
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite REPORT.md and plots from OUT/results.json; train and evaluate nothing")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -1010,12 +1122,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
+    from bench.calibration import CalibrationError
     from distill.student import DistillError
     from synthdata.job import JobError
     from train.data import DataError
     from train.model import ShapeError
 
-    with exit_on(StudyError, DataError, ShapeError, JobError, DistillError):
+    with exit_on(StudyError, DataError, ShapeError, JobError, DistillError, CalibrationError):
         if args.report_only:
             path = Path(args.out) / "results.json"
             if not path.exists():
@@ -1025,7 +1138,7 @@ def main(argv: list[str] | None = None) -> None:
         command = "python -m bench.study " + " ".join(sys.argv[1:] if argv is None else argv)
         cfg = StudyConfig(profile=load_profile(args.profile), out=args.out, corpus=tuple(args.corpus or ()),
                           eval_dir=args.eval_dir, data_dir=args.data_dir, address=args.address, n_boot=args.n_boot,
-                          command=command)
+                          command=command, past_gate=args.past_gate)
         results = run_study(cfg)
     print(json.dumps({"report": str(Path(args.out) / "REPORT.md"), "phases_done": results["phases_done"],
                       "trained": results["trained_last_invocation"],
