@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from serve.draft import DRAFT_SAMPLING
 from train.artifacts import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,8 @@ def counters(llm) -> dict[str, float]:
 
 
 def run_contender(target: str, draft: str | None, n_spec: int, concurrency: list[int], tokens: int,
-                  temperatures: list[float], prompts: list[list[int]], kv_cache_bytes: int, queue) -> None:
+                  temperatures: list[float], prompts: list[list[int]], kv_cache_bytes: int, sampling: str,
+                  queue) -> None:
     """In a fresh process: one engine, every (temperature, concurrency) cell; put {cell: figures}."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
@@ -62,7 +64,7 @@ def run_contender(target: str, draft: str | None, n_spec: int, concurrency: list
     from train.ray_session import NO_TELEMETRY_ENV
 
     os.environ.update(NO_TELEMETRY_ENV)
-    spec = speculative_config(draft, n_spec) if draft else None
+    spec = speculative_config(draft, n_spec, sampling=sampling) if draft else None
     llm = LLM(model=target, dtype=engine_dtype(), enforce_eager=True, kv_cache_memory_bytes=kv_cache_bytes,
               max_num_seqs=max(concurrency), seed=0, disable_log_stats=False, speculative_config=spec)
     llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], SamplingParams(max_tokens=8), use_tqdm=False)  # warm
@@ -87,12 +89,12 @@ def run_contender(target: str, draft: str | None, n_spec: int, concurrency: list
     queue.put(cells)
 
 
-def measure(args, name: str, draft: str | None, prompts: list[list[int]]) -> dict:
+def measure(args, name: str, draft: str | None, sampling: str, prompts: list[list[int]]) -> dict:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=run_contender, args=(args.target, draft, args.num_speculative_tokens, args.concurrency,
                                                    args.tokens, args.temperatures, prompts,
-                                                   int(args.kv_cache_gib * (1 << 30)), queue))
+                                                   int(args.kv_cache_gib * (1 << 30)), sampling, queue))
     proc.start()
     cells = queue.get()
     proc.join()
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-tokens", type=int, default=8, help="prompt length after BOS (default 8)")
     p.add_argument("--temperatures", type=float, nargs="+", default=[0.0, 1.0], help="default: 0 (greedy) and 1")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="draft tokens per step (default 4)")
+    p.add_argument("--draft-sampling", nargs="+", choices=DRAFT_SAMPLING, default=["greedy"],
+                   help="draft sampling methods, one contender per draft and method (default greedy)")
     p.add_argument("--repeats", type=int, default=3, help="fresh runs of every contender (default 3)")
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache per engine, GiB (default 2)")
     p.add_argument("--out", help="also write the JSON record here (vLLM's engine processes log to stdout too)")
@@ -149,15 +153,18 @@ def main(argv: list[str] | None = None) -> None:
         check_draft(args.target, d)
     config = read_config(args.target)
     prompts = prompts_from(args.data_dir, max(args.concurrency), args.prompt_tokens, config["bos_token_id"])
-    contenders = {"plain": None, **{f"draft:{Path(d).resolve().parent.name}/{Path(d).name}": d for d in args.drafts}}
+    contenders = {"plain": (None, "greedy"),
+                  **{f"draft:{Path(d).resolve().parent.name}/{Path(d).name}:{m}": (d, m)
+                     for d in args.drafts for m in args.draft_sampling}}
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
     for repeat in range(args.repeats):
         order = list(contenders) if repeat % 2 == 0 else list(reversed(contenders))
         for name in order:
-            runs[name].append(measure(args, name, contenders[name], prompts))
+            runs[name].append(measure(args, name, *contenders[name], prompts))
     record = {"target": str(Path(args.target).resolve()), "drafts": args.drafts, "tokens": args.tokens,
               "concurrency": args.concurrency, "temperatures": args.temperatures,
-              "num_speculative_tokens": args.num_speculative_tokens, "repeats": args.repeats,
+              "num_speculative_tokens": args.num_speculative_tokens, "draft_sampling": args.draft_sampling,
+              "repeats": args.repeats,
               "cpu_count": os.cpu_count(), "results": summarize(runs)}
     if args.out:
         atomic_write_json(Path(args.out), record)

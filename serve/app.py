@@ -69,6 +69,7 @@ class EnsembleConfig:
     draft: str | None = None  # draft model directory (the distilled student); None: no speculation
     num_speculative_tokens: int = 4  # tokens the draft proposes per step
     draft_max_batch: int | None = None  # speculate only while at most this many sequences run (None: always)
+    draft_sampling: str = "greedy"  # or "probabilistic" (more accepted when sampling; request seeds not honoured)
     kv_cache_bytes: int = 1 << 30  # per replica; the CPU build needs it explicitly
     max_num_seqs: int = 64
     enforce_eager: bool = True  # CPU: skip torch.compile, start in seconds instead of minutes
@@ -100,7 +101,8 @@ class EnsembleConfig:
         check_weights(self.model_dir)  # a truncated, damaged or corrupt weights file is named before any engine starts
         if self.draft is not None:
             check_draft(self.model_dir, self.draft, self.max_model_len)  # another tokenizer or vocabulary: named
-            speculative_config(self.draft, self.num_speculative_tokens, self.draft_max_batch, self.max_num_seqs)
+            speculative_config(self.draft, self.num_speculative_tokens, self.draft_max_batch, self.max_num_seqs,
+                               self.draft_sampling)
         if self.replicas < 1:
             raise PackError(f"replicas must be >= 1 (got {self.replicas})")
         if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
@@ -134,7 +136,7 @@ class EnsembleConfig:
             argv += ["--max-model-len", str(self.max_model_len)]
         if self.draft is not None:
             argv += ["--speculative-config", json.dumps(speculative_config(
-                self.draft, self.num_speculative_tokens, self.draft_max_batch, self.max_num_seqs))]
+                self.draft, self.num_speculative_tokens, self.draft_max_batch, self.max_num_seqs, self.draft_sampling))]
         if self.enforce_eager:
             argv.append("--enforce-eager")
         return argv  # no --api-key: ApiKeyGuard checks every route, and the key stays out of vLLM's args and logs

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from serve.app import LIMIT_FLAGS, EnsembleConfig, ServeError
+from serve.draft import DRAFT_SAMPLING
 from serve.pack import COMBINE_RULES, PackError, pack_ensemble
 from train.console import exit_on, setup_logging
 
@@ -54,7 +55,7 @@ def cmd_up(args) -> None:
                             kv_cache_bytes=int(args.kv_cache_gib * (1 << 30)), max_num_seqs=args.max_num_seqs,
                             enforce_eager=not args.compile, max_replicas_per_node=args.max_replicas_per_node,
                             draft=args.draft, num_speculative_tokens=args.num_speculative_tokens,
-                            draft_max_batch=args.draft_max_batch,
+                            draft_max_batch=args.draft_max_batch, draft_sampling=args.draft_sampling,
                             **{name: getattr(args, name) for name in LIMIT_FLAGS})
     try:
         url = start_app(config, address=args.address)  # a start cut short by Ctrl-C/SIGTERM tears itself down
@@ -117,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument("--draft-max-batch", type=int,
                       help="speculate only while at most this many sequences run; a fuller batch decodes without "
                            "the draft (default: always speculate)")
+    spec.add_argument("--draft-sampling", choices=DRAFT_SAMPLING, default="greedy",
+                      help="greedy (default): the draft's most likely token, accepted with the ensemble's probability "
+                           "of it; seeded requests stay reproducible. probabilistic: a draw from the draft, accepted "
+                           "far more often when sampling with a close draft, but vLLM draws it without the request's "
+                           "seed (the output distribution is exact either way)")
     limits = p.add_argument_group("limits", "what one request may ask for (past a limit: a 4xx naming it and the flag "
                                             "that raises it), how long it may take, and how many may wait")
     d = EnsembleConfig(model_dir="")

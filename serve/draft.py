@@ -70,15 +70,24 @@ def check_draft(target_dir: str | Path, draft_dir: str | Path, max_model_len: in
                          f"{context} served: it could not draft the ends of long sequences")
 
 
+DRAFT_SAMPLING = ("greedy", "probabilistic")
+
+
 def speculative_config(draft_dir: str | Path, num_speculative_tokens: int, max_batch: int | None = None,
-                       max_num_seqs: int = 256) -> dict:
+                       max_num_seqs: int = 256, sampling: str = "greedy") -> dict:
     """vLLM's `speculative_config` for a draft model. `max_batch`: speculate only while at most this many sequences
     run (vLLM's dynamic schedule); a fuller batch decodes without the draft, where verifying would cost more than
-    it saves."""
+    it saves. `sampling`: "greedy" (the draft's argmax, accepted with probability p(token): seeded requests stay
+    reproducible) or "probabilistic" (a draw from the draft, accepted with min(1, p/q): far more accepted at
+    temperature > 0 with a close draft, but vLLM draws it without the request's seed)."""
     if num_speculative_tokens < 1:
         raise DraftError(f"--num-speculative-tokens must be >= 1 (got {num_speculative_tokens})")
+    if sampling not in DRAFT_SAMPLING:
+        raise DraftError(f"--draft-sampling must be one of {', '.join(DRAFT_SAMPLING)} (got {sampling!r})")
     config = {"method": METHOD, "model": str(Path(draft_dir).resolve()),
               "num_speculative_tokens": int(num_speculative_tokens)}
+    if sampling != "greedy":
+        config["draft_sample_method"] = sampling
     if max_batch is not None:
         if max_batch < 1:
             raise DraftError(f"--draft-max-batch must be >= 1 (got {max_batch})")

@@ -3,6 +3,8 @@
 The core fixtures (`tiny_dataset` and everything built on it) are made from text generated in code
 (`train/synthetic_text.py`, seed 0: an English-like language with a Zipfian vocabulary, a grammar and
 per-document topics), so every clone builds them: nothing is read from ../shared and nothing is downloaded.
+`generated_eval_dir` stands in for ../shared/data/eval: task files in the same formats (PIQA, ARC-Easy, BoolQ,
+LAMBADA), made from the fixture dataset's validation text.
 
 ../shared/data (the Wikipedia corpus, the eval sets) serves only extra tests that say so: they are marked
 `shared_data`, explicitly (`@pytest.mark.shared_data`) or by asking for the `wiki_corpus` or `eval_dir`
@@ -165,6 +167,78 @@ def tiny_ensemble(tiny_members, tmp_path_factory) -> Path:
 def eval_dir() -> Path:
     """../shared/data/eval: the zero-shot multiple-choice tasks (JSON lines). Marks its tests shared_data."""
     return require(EVAL_DIR)
+
+
+# ---- eval sets generated in code -----------------------------------------------------------------
+
+GENERATED_EVAL_TASKS = ("piqa", "arc_easy", "boolq", "lambada_openai")  # what the micro profile and the tests read
+GENERATED_EVAL_ITEMS = 60
+
+
+def generated_eval_items(text: str, n: int, seed: int = 0) -> dict[str, list[dict]]:
+    """`n` items of each of GENERATED_EVAL_TASKS in the formats of ../shared/data/eval (the same keys and query
+    templates), made from held-out generated text:
+
+    - piqa: "Question: <a sentence's first half>\\n", two choices: its own second half and another sentence's;
+    - arc_easy: "Question: <first half>", four choices: its own second half and three others';
+    - boolq: "Passage: <ten sentences>\\nQuestion: does the passage say <word>?", choices no/yes (gold: whether
+      the word is in the passage); passages are longer than the tiny models' window, so contexts are cut from the
+      left, as BoolQ's are;
+    - lambada_openai: a cloze, {"context": a sentence but its last word, "continuation": that word}.
+
+    The gold answers are real (the true continuation, the word's presence), but nothing needs a model to beat
+    chance on them: the tests compare scorers with each other, not accuracies with a target."""
+    import numpy as np
+
+    sentences = list(dict.fromkeys(s.strip() for s in text.replace("\n", " ").split(".") if len(s.split()) >= 6))
+    if len(sentences) < 3 * n + 10:
+        raise ValueError(f"{len(sentences)} sentences of six words or more; {3 * n + 10} needed for {n} items a task")
+    halves = [(" ".join(s.split()[: len(s.split()) // 2]), " ".join(s.split()[len(s.split()) // 2:]) + ".")
+              for s in sentences]
+    rng = np.random.default_rng(seed)
+
+    def choices_with(true: int, k: int) -> tuple[list[str], int]:
+        """The second half of sentence `true` and k-1 other, distinct second halves; the gold position."""
+        ends = [halves[true][1]]
+        while len(ends) < k:
+            end = halves[int(rng.integers(len(halves)))][1]
+            if end not in ends:
+                ends.append(end)
+        gold = int(rng.integers(k))
+        ends[0], ends[gold] = ends[gold], ends[0]
+        return ends, gold
+
+    items: dict[str, list[dict]] = {name: [] for name in GENERATED_EVAL_TASKS}
+    for i in range(n):
+        choices, gold = choices_with(2 * i, 2)
+        items["piqa"].append({"query": f"Question: {halves[2 * i][0]}\n", "choices": choices, "gold": gold})
+        choices, gold = choices_with(2 * n + i, 4)
+        items["arc_easy"].append({"query": f"Question: {halves[2 * n + i][0]}", "choices": choices, "gold": gold})
+        passage_sentences = [sentences[(3 * n + 10 * i + j) % len(sentences)] for j in range(10)]
+        passage = ". ".join(passage_sentences) + "."
+        pool = passage_sentences if rng.integers(2) else sentences  # half the words come from the passage itself
+        source = pool[int(rng.integers(len(pool)))]
+        word = str(rng.choice(source.split()))
+        items["boolq"].append({"query": f"Passage: {passage}\nQuestion: does the passage say {word}?",
+                               "choices": ["no", "yes"], "gold": int(f" {word}" in f" {passage}")})
+        words = sentences[2 * i + 1].split()
+        items["lambada_openai"].append({"context": " ".join(words[:-1]), "continuation": words[-1]})
+    return items
+
+
+@pytest.fixture(scope="session")
+def generated_eval_dir(tiny_dataset, tmp_path_factory) -> Path:
+    """An eval directory like ../shared/data/eval for every clone: GENERATED_EVAL_ITEMS items of each of
+    GENERATED_EVAL_TASKS (`<task>.jsonl`, the same formats), made from the fixture dataset's validation text, which
+    no fixture model trains on (see generated_eval_items)."""
+    from train.data import load_tokenizer, load_tokens
+
+    tokenizer = load_tokenizer(tiny_dataset / "tokenizer")
+    text = tokenizer.decode(load_tokens(tiny_dataset, "val").tolist(), skip_special_tokens=True)
+    out = tmp_path_factory.mktemp("generated_eval")
+    for name, records in generated_eval_items(text, GENERATED_EVAL_ITEMS).items():
+        (out / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return out
 
 
 # ---- reliability suite -----------------------------------------------------------------------------

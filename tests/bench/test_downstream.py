@@ -4,13 +4,12 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
 
 from bench.downstream import ClozeItem, MultipleChoiceItem, encode_pair, evaluate_downstream, evaluate_items, read_task, score_requests
 from bench.evaluate import EvalError, load_model
-from train.data import load_tokenizer, load_tokens
+from train.data import load_tokenizer
 
 from conftest import EVAL_DIR, require
 
@@ -89,32 +88,15 @@ def _fits_window(tok, line: str, max_length: int) -> bool:
     return all(len(encode_pair(tok, c, x)[1]) <= max_length for c, x in pairs)
 
 
-def generated_items(text: str, n: int, seed: int = 0) -> dict[str, tuple[list[dict], bool]]:
-    """Three tasks in the formats of PIQA (two choices), BoolQ (passages longer than the window: contexts cut from
-    the left) and LAMBADA (cloze), made from held-out generated text: {name: (records, cloze)}."""
-    sentences = [s.strip() for s in text.replace("\n", " ").split(".") if len(s.split()) >= 6]
-    rng = np.random.default_rng(seed)
-    mc, long, cloze = [], [], []
-    for i in range(n):
-        words, other = sentences[2 * i].split(), sentences[2 * i + 1].split()
-        cut = len(words) // 2
-        choices = [" ".join(words[cut:]) + ".", " ".join(other[len(other) // 2:]) + "."]
-        gold = int(rng.integers(2))
-        mc.append({"query": " ".join(words[:cut]), "choices": choices if gold == 0 else choices[::-1], "gold": gold})
-        passage_sentences = sentences[2 * n + 10 * i : 2 * n + 10 * i + 10]
-        passage = ". ".join(passage_sentences) + "."
-        word = rng.choice((passage_sentences if rng.integers(2) else sentences)[int(rng.integers(10))].split())
-        long.append({"query": f"{passage}\nQuestion: does the passage say {word}?\nAnswer:", "choices": ["no", "yes"],
-                     "gold": int(f" {word}" in passage)})
-        cloze.append({"context": " ".join(words[:-1]), "continuation": words[-1]})
-    return {"mc_halves": (mc, False), "long_passages": (long, False), "cloze_last_word": (cloze, True)}
+AGREEMENT_TASKS = ("piqa", "boolq", "lambada_openai")  # two choices; passages cut from the left; a cloze
 
 
-def shared_items() -> dict[str, tuple[list[dict], bool]]:
-    """The first items of PIQA, BoolQ and LAMBADA in ../shared/data/eval."""
-    return {name: ([json.loads(line) for line in require(EVAL_DIR / f"{name}.jsonl").read_text().splitlines()
+def first_items(eval_dir) -> dict[str, tuple[list[dict], bool]]:
+    """The first items of PIQA, BoolQ and LAMBADA in an eval directory (generated_eval_dir's, or ../shared/data/eval):
+    {name: (records, cloze)}."""
+    return {name: ([json.loads(line) for line in (eval_dir / f"{name}.jsonl").read_text().splitlines()
                     [: 2 * AGREEMENT_ITEMS]], name.startswith("lambada"))
-            for name in ("piqa", "boolq", "lambada_openai")}
+            for name in AGREEMENT_TASKS}
 
 
 def write_agreement_tasks(root, tok, max_length: int, items: dict[str, tuple[list[dict], bool]]):
@@ -133,14 +115,13 @@ def write_agreement_tasks(root, tok, max_length: int, items: dict[str, tuple[lis
 
 
 @pytest.fixture(scope="module")
-def generated_tasks(tiny_members, tiny_dataset, tmp_path_factory):
-    """Agreement tasks from the generated validation text (no model trained on it): every clone has them."""
+def generated_tasks(tiny_members, generated_eval_dir, tmp_path_factory):
+    """Agreement tasks from the generated eval directory (the held-out generated text): every clone has them."""
     tok = load_tokenizer(tiny_members[0])
-    text = tok.decode(load_tokens(tiny_dataset, "val").tolist(), skip_special_tokens=True)
     max_length = json.loads((tiny_members[0] / "config.json").read_text())["max_position_embeddings"]
     root, tasks = write_agreement_tasks(tmp_path_factory.mktemp("generated_tasks"), tok, max_length,
-                                        generated_items(text, AGREEMENT_ITEMS + 10))
-    long_contexts = [len(encode_pair(tok, item.query, " no")[0]) > max_length for item in read_task(tasks["long_passages"])]
+                                        first_items(generated_eval_dir))
+    long_contexts = [len(encode_pair(tok, item.query, " no")[0]) > max_length for item in read_task(tasks["boolq"])]
     assert sum(long_contexts) >= AGREEMENT_ITEMS // 2  # most passages are cut from the left, as BoolQ's are
     return root, tasks
 
@@ -152,7 +133,8 @@ def agreement_tasks(request, tiny_members, tmp_path_factory):
         return request.getfixturevalue("generated_tasks")
     tok = load_tokenizer(tiny_members[0])
     max_length = json.loads((tiny_members[0] / "config.json").read_text())["max_position_embeddings"]
-    return write_agreement_tasks(tmp_path_factory.mktemp("shared_tasks"), tok, max_length, shared_items())
+    return write_agreement_tasks(tmp_path_factory.mktemp("shared_tasks"), tok, max_length,
+                                 first_items(require(EVAL_DIR)))
 
 
 def our_log_likelihoods(model_dir, task_file) -> list[list[float]]:
@@ -218,12 +200,12 @@ def test_agrees_with_lm_evaluation_harness(tiny_members, agreement_tasks, tmp_pa
 def test_cli_downstream_and_bad_task(tiny_members, generated_tasks, tmp_path):
     _, tasks = generated_tasks
     ok = subprocess.run([sys.executable, "-m", "bench", "downstream", "--model", str(tiny_members[0]),
-                         "--task", str(tasks["mc_halves"]), "--limit", "10"], capture_output=True, text=True,
+                         "--task", str(tasks["piqa"]), "--limit", "10"], capture_output=True, text=True,
                         timeout=300)
     assert ok.returncode == 0, ok.stderr
     record = json.loads(ok.stdout.strip().splitlines()[-1])
-    in_process = evaluate_downstream([tiny_members[0]], [tasks["mc_halves"]], limit=10, progress=False)["mc_halves"]
-    assert record["task"] == "mc_halves" and record["items"] == 10 and record["acc"] == in_process["acc"]
+    in_process = evaluate_downstream([tiny_members[0]], [tasks["piqa"]], limit=10, progress=False)["piqa"]
+    assert record["task"] == "piqa" and record["items"] == 10 and record["acc"] == in_process["acc"]
     bad = write_lines(tmp_path / "bad.jsonl", [{"query": "Q", "choices": ["a", "b"], "gold": 5}])
     run = subprocess.run([sys.executable, "-m", "bench", "downstream", "--model", str(tiny_members[0]),
                           "--task", str(bad)], capture_output=True, text=True, timeout=300)

@@ -51,10 +51,11 @@ def finished_files(out: Path) -> dict[str, tuple[int, int]]:
 # ---- end to end (slow) ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def micro_study(tiny_dataset, eval_dir, tmp_path_factory) -> dict:
+def micro_study(tiny_dataset, generated_eval_dir, tmp_path_factory) -> dict:
+    """The micro profile run twice; its downstream tasks (piqa, arc_easy) come from the generated eval directory."""
     out = tmp_path_factory.mktemp("study") / "micro"
-    cmd = ["--profile", "micro", "--data-dir", str(tiny_dataset), "--out", str(out), "--eval-dir", str(eval_dir),
-           "--n-boot", "50"]
+    cmd = ["--profile", "micro", "--data-dir", str(tiny_dataset), "--out", str(out), "--eval-dir",
+           str(generated_eval_dir), "--n-boot", "50"]
     first = run_cli(*cmd)
     assert first.returncode == 0, first.stderr[-4000:]
     before = finished_files(out)
@@ -93,6 +94,11 @@ def test_micro_study_runs_every_phase_and_reports(micro_study):
     synthetic = json.loads((out / "distill" / "synthetic-ensemble" / "manifest.json").read_text())["job"]
     assert synthetic["soft_targets"]["k"] == profile.topk
     assert "| soft-label student" in report and "| control: soft recipe's schedule" in report
+    # every model scored on the profile's eval tasks (a missing task file would only log and skip them)
+    assert "downstream_skipped" not in results and "## Downstream (zero-shot" in report
+    for model, scores in results["downstream"]["models"].items():
+        for task in profile.eval_tasks:
+            assert scores[task]["items"] == profile.eval_limit, (model, task, scores.get(task))
 
 
 @pytest.mark.slow

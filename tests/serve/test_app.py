@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 
 import httpx
 import openai
@@ -16,7 +17,7 @@ import pytest
 import torch
 
 from serve.app import EnsembleConfig, ServeError, start_app, stop_app
-from serve.reference import ReferenceEnsemble
+from serve.reference import ReferenceEnsemble, combine_member_logits
 from train.data import load_tokens
 
 API_KEY = "test-key"
@@ -130,18 +131,29 @@ def mc_pair_tokens(tokenizer, context: str, continuation: str) -> tuple[list[int
     return whole[:n_context], whole[n_context:]
 
 
-def reference_mc_correct(reference: ReferenceEnsemble, tokenizer, items: list[dict]) -> list[int]:
-    """Per item, 1 if the reference ensemble's choice (max sum of continuation log-probs) is the gold one."""
-    correct = []
+def reference_choice_scores(reference: ReferenceEnsemble, tokenizer, items: list[dict]) -> dict[str, list[list]]:
+    """Per item and choice, the reference ensemble's log-likelihood of the continuation (the sum of its tokens'
+    log-probs) under each combine rule, "logits" and "probs" (the served one and the negative control), and
+    "tokens": the continuation's length in tokens."""
+    scores: dict[str, list[list]] = {"logits": [], "probs": [], "tokens": []}
     for item in items:
-        scores = []
+        rows: dict[str, list] = {key: [] for key in scores}
         for choice in item["choices"]:
             ctx, cont = mc_pair_tokens(tokenizer, item["query"], " " + choice)
-            ids = torch.tensor([ctx + cont])
-            lp = reference.log_probs(ids)[0]
-            scores.append(sum(float(lp[len(ctx) + j - 1, tok]) for j, tok in enumerate(cont)))
-        correct.append(int(max(range(len(scores)), key=scores.__getitem__) == item["gold"]))
-    return correct
+            member_logits = reference.member_logits(torch.tensor([ctx + cont]))
+            for combine in ("logits", "probs"):
+                lp = combine_member_logits(member_logits, combine)[0]
+                rows[combine].append(sum(float(lp[len(ctx) + j - 1, tok]) for j, tok in enumerate(cont)))
+            rows["tokens"].append(len(cont))
+        for key, row in rows.items():
+            scores[key].append(row)
+    return scores
+
+
+def worst_per_token_difference(lls: list[list[float]], other: list[list[float]], tokens: list[list[int]]) -> float:
+    """max over every request of |ll - other ll| / its continuation's tokens (same items, same choices each)."""
+    assert [len(x) for x in lls] == [len(x) for x in other] == [len(x) for x in tokens]
+    return max(abs(a - b) / n for xs, ys, ns in zip(lls, other, tokens) for a, b, n in zip(xs, ys, ns))
 
 
 def arc_easy_slice(eval_dir, tokenizer, limit: int) -> list[dict]:
@@ -157,14 +169,28 @@ def arc_easy_slice(eval_dir, tokenizer, limit: int) -> list[dict]:
     return items
 
 
-def test_lm_eval_local_completions_matches_in_process_scorer(endpoint, reference, tiny_ensemble, eval_dir,
+@pytest.fixture(params=["generated", pytest.param("shared", marks=pytest.mark.shared_data)])
+def arc_easy_dir(request) -> Path:
+    """The generated ARC-Easy-format items (core), and the real ARC-Easy where ../shared/data has it: real text
+    brings characters and word pieces the generated language lacks, where lm-eval's tokenization could differ."""
+    return request.getfixturevalue("generated_eval_dir" if request.param == "generated" else "eval_dir")
+
+
+LL_TOLERANCE_PER_TOKEN = 1e-3  # test_prompt_logprobs_equal_reference's bound, per token of a continuation
+
+
+def test_lm_eval_local_completions_matches_in_process_scorer(endpoint, reference, tiny_ensemble, arc_easy_dir,
                                                              tmp_path, monkeypatch):
+    """lm-eval's local-completions model against the endpoint: every request's log-likelihood equals the reference
+    ensemble's (per token within LL_TOLERANCE_PER_TOKEN) and every item's pick is the same. Negative control: the
+    reference under the other combine rule differs from lm-eval's log-likelihoods by more than the tolerance."""
     lm_eval = pytest.importorskip("lm_eval")
     from lm_eval.tasks import TaskManager
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny_ensemble))
-    items = arc_easy_slice(eval_dir, tokenizer, MC_ITEMS)
+    items = arc_easy_slice(arc_easy_dir, tokenizer, MC_ITEMS)
+    assert len(items) == MC_ITEMS
     data = tmp_path / "items.jsonl"
     data.write_text("".join(json.dumps(i) + "\n" for i in items))
     (tmp_path / f"{TASK}.yaml").write_text(
@@ -181,11 +207,21 @@ def test_lm_eval_local_completions_matches_in_process_scorer(endpoint, reference
         tasks=[TASK], task_manager=TaskManager(include_path=str(tmp_path)), log_samples=True,
     )
     served = results["results"][TASK]["acc,none"]
-    served_correct = [int(s["acc"]) for s in sorted(results["samples"][TASK], key=lambda s: s["doc_id"])]
-    in_process_correct = reference_mc_correct(reference, tokenizer, items)
+    samples = sorted(results["samples"][TASK], key=lambda s: s["doc_id"])
+    served_correct = [int(s["acc"]) for s in samples]
+    served_lls = [[float(x[0]) for x in s["filtered_resps"]] for s in samples]
+    scores = reference_choice_scores(reference, tokenizer, items)
+    control_combine = {"logits": "probs", "probs": "logits"}[reference.combine]
+    worst = worst_per_token_difference(served_lls, scores[reference.combine], scores["tokens"])
+    control = worst_per_token_difference(served_lls, scores[control_combine], scores["tokens"])
+    in_process_correct = [int(max(range(len(s)), key=s.__getitem__) == item["gold"])
+                          for s, item in zip(scores[reference.combine], items)]
     in_process = sum(in_process_correct) / len(items)
-    print(f"ARC-Easy {len(items)} items: lm-eval via endpoint acc {served:.4f}, in-process reference acc {in_process:.4f}")
-    assert len(items) == MC_ITEMS
+    print(f"ARC-Easy-format {len(items)} items ({arc_easy_dir}): lm-eval via endpoint acc {served:.4f}, in-process "
+          f"reference acc {in_process:.4f}; max |ll difference| per token {worst:.2e}, "
+          f"{control:.2e} against the reference combining by {control_combine}")
+    assert worst <= LL_TOLERANCE_PER_TOKEN
+    assert control > LL_TOLERANCE_PER_TOKEN  # the control: the comparison sees another combine rule
     assert served_correct == in_process_correct  # item by item, not only on average
     assert served == pytest.approx(in_process, abs=1e-12)
 
