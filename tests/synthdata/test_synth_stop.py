@@ -103,13 +103,15 @@ def shard_tokens_of(out: Path) -> list[list[list[int]]]:
 
 
 def test_hung_engine_is_replaced_and_its_shards_remade_whole(packed_teacher, tmp_path, caplog, monkeypatch):
-    tokens, shard_tokens = 9_000, 1_500
+    tokens, shard_tokens = 15_000, 1_500
     common = {"teacher": str(packed_teacher), "tokens": tokens, "shard_tokens": shard_tokens, "progress": False}
     generate(GenerateConfig(out=str(tmp_path / "control"), **common))  # no hang: what the job stores
 
     flag = tmp_path / "hang-once"
     flag.write_text("")
-    monkeypatch.setenv(HANG_ENV, f"{flag}:6")  # the engine's 6th call hangs (a few seconds into generation)
+    # the engine's 3rd call hangs: ~1 s into generation, with shards open (each call steps ~0.5 s; the whole job
+    # takes ~10 calls: at 9,000 tokens and the 6th call, the faster engine had finished before the hang)
+    monkeypatch.setenv(HANG_ENV, f"{flag}:3")
     with caplog.at_level(logging.WARNING, logger="synthdata.job"):
         summary = generate(GenerateConfig(out=str(tmp_path / "hung"), hang_timeout_s=20, **common))
     assert not flag.exists()  # the hang happened ...
