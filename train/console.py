@@ -42,6 +42,11 @@ def sigterm_as_ctrl_c() -> None:
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
     signal.signal(signal.SIGTERM, interrupt)
+    # SIGINT too, explicitly: a process started in the background by a non-interactive shell (a script's `cmd &`,
+    # nohup, some supervisors) inherits SIGINT ignored, and Python then leaves it ignored, so `kill -INT` (or a
+    # test's Ctrl-C) did nothing to `serve up`. Ctrl-C is this CLI's documented stop: make it one in every case.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @contextmanager

@@ -40,12 +40,18 @@ else:
 """
 
 
-def run_and_terminate(mode: str) -> tuple[int, str]:
+def run_and_terminate(mode: str, sig: int = signal.SIGTERM, sigint_ignored: bool = False) -> tuple[int, str]:
+    # sigint_ignored: started as a non-interactive shell starts a background job (`cmd &`): SIGINT ignored
+    preexec = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     proc = subprocess.Popen([sys.executable, "-c", COMMAND, mode], cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=preexec)
     assert proc.stdout.readline().strip() == "working"
-    proc.send_signal(signal.SIGTERM)
-    out, _ = proc.communicate(timeout=30)
+    proc.send_signal(sig)
+    try:
+        out, _ = proc.communicate(timeout=10 if sigint_ignored else 30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return None, proc.communicate()[0]
     return proc.returncode, out
 
 
@@ -55,6 +61,16 @@ def test_sigterm_unwinds_like_ctrl_c_under_exit_on():
     bare_code, bare_out = run_and_terminate("bare")  # negative control: Python's default SIGTERM skips `finally`
     assert bare_code == -signal.SIGTERM and "cleaned up" not in bare_out, (bare_code, bare_out)
     print(f"SIGTERM: under exit_on the clean-up ran (exit {code}); bare, it did not (killed by signal {-bare_code})")
+
+
+def test_ctrl_c_stops_a_command_started_in_the_background():
+    """A script's `cmd &` starts it with SIGINT ignored, and Python keeps it ignored: `serve up` then ignored
+    Ctrl-C / `kill -INT` (seen in tests/serve/test_cli_up.py under a backgrounded test run). exit_on restores it."""
+    code, out = run_and_terminate("exit_on", signal.SIGINT, sigint_ignored=True)
+    assert "cleaned up" in out and code == 130, (code, out)
+    bare_code, bare_out = run_and_terminate("bare", signal.SIGINT, sigint_ignored=True)
+    assert bare_code is None and "cleaned up" not in bare_out, (bare_code, bare_out)  # control: SIGINT ignored
+    print("SIGINT with SIGINT inherited ignored: under exit_on stopped and cleaned up (exit 130); bare, ignored")
 
 
 @pytest.mark.slow
