@@ -201,7 +201,8 @@ def test_synth_through_the_endpoint_matches_offline_and_resumes(ray_cluster, end
     out = tmp_path / "via-endpoint"
     cmd = [PY, "-m", "synthdata", "generate", "--teacher", str(packed_teacher), "--tokens", str(tokens),
            "--shard-tokens", str(SHARD_TOKENS), "--out", str(out), "--endpoint", endpoint_on_cluster["url"],
-           "--replicas", "1", "--no-progress"]
+           "--replicas", "1", "--no-progress", "--inflight", "4"]  # a shallow queue: shards finish one by one, so
+    # the kill lands mid-job (with the whole job in flight all 3 shards finished together: killed_with was 3)
     first = subprocess.Popen(cmd, env=ray_cluster.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     manifest, deadline = out / "manifest.json", time.time() + 300
     while time.time() < deadline and first.poll() is None:
