@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from train.artifacts import atomic_write_text
-from train.console import ChorusError
+from plumbing.artifacts import atomic_write_text
+from plumbing.console import ChorusError
 
 LETTERS = "abcdefghijklmnop"  # symbol i is the word LETTERS[i // 16] + LETTERS[i % 16]
 START_WORD = "doc"  # every document's first word, so every symbol word follows a space

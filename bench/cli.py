@@ -6,8 +6,8 @@ import json
 import logging
 from pathlib import Path
 
-from bench.fits import FitError, data_efficiency, fit_power_law
-from train.console import ChorusError, exit_on, setup_logging
+from bench.fits import data_efficiency, fit_power_law
+from plumbing.console import ChorusError, exit_on, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ def run_here_or_on(address: str | None, fn, *args, **kwargs):
     """fn(*args, **kwargs) in this process, or as one Ray task on the cluster at `address` (shared paths)."""
     if not address:
         return fn(*args, **kwargs)
-    from train.ray_session import run_as_task
+    from plumbing.ray_session import run_as_task
 
     return run_as_task(address, fn, *args, **kwargs)
 
@@ -158,9 +158,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from bench.evaluate import EvalError
-    from serve.pack import PackError
-    from train.data import DataError
-
-    with exit_on(EvalError, FitError, PointsError, DataError, PackError):
+    with exit_on():
         args.func(args)

@@ -43,8 +43,8 @@ from bench.analysis import (
 )
 from bench.evaluate import validation_loss
 from bench.report import markdown_table, plot_data_efficiency, write_text
-from train.artifacts import OutputLock, atomic_write_json, read_json
-from train.console import ChorusError, exit_on, setup_logging
+from plumbing.artifacts import Ledger, OutputLock, atomic_write_json, read_json
+from plumbing.console import ChorusError, exit_on, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -84,19 +84,10 @@ class CptStudyError(ChorusError):
     """Settings or inputs the study cannot run with, named."""
 
 
-class Ledger:
-    """evaluations.json: every evaluated loss, keyed by what was evaluated on what, written atomically."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        self.rows: dict[str, float] = read_json(path, "evaluation ledger") if path.exists() else {}
-
-    def loss(self, model_dirs: list[Path], data_dir: Path, context: int) -> float:
-        key = json.dumps([[str(d) for d in model_dirs], str(data_dir), context])
-        if key not in self.rows:
-            self.rows[key] = validation_loss(model_dirs, data_dir, context=context, progress=False)["loss"]
-            atomic_write_json(self.path, self.rows)
-        return self.rows[key]
+def evaluated_loss(ledger: Ledger, model_dirs: list[Path], data_dir: Path, context: int) -> float:
+    """The validation loss of these models' logit average on data_dir, evaluated once (recorded in the ledger)."""
+    key = [[str(d) for d in model_dirs], str(data_dir), context]
+    return ledger.value(key, lambda: validation_loss(model_dirs, data_dir, context=context, progress=False)["loss"])
 
 
 def _train_config(profile: CptProfile, data_dir: Path, **kw):
@@ -120,7 +111,7 @@ def run(out: Path, profile: CptProfile, domain_corpus: tuple[str, ...], wiki_cor
     from distill.student import DistillConfig, distill
 
     t0 = time.perf_counter()
-    ledger = Ledger(out / "evaluations.json")
+    ledger = Ledger(out / "evaluations.jsonl")
     log.info("[1/6] the base: %s pre-trained on %s tokens of Wikipedia", profile.base_preset, f"{profile.base_tokens:,}")
     wiki = out / "data-wiki"
     prepare_dataset(DatasetSpec(corpus=(wiki_corpus,), vocab_size=4096, max_chars=12 * profile.base_tokens), wiki)
@@ -139,7 +130,7 @@ def run(out: Path, profile: CptProfile, domain_corpus: tuple[str, ...], wiki_cor
 
     log.info("[3/6] the regularized recipe's weight decay, chosen on the smallest budget (seed 0)")
     d0 = min(profile.budgets)
-    candidates = {wd: ledger.loss(cpt("search", d0, wd, range(1)), domain, profile.context) for wd in profile.wds}
+    candidates = {wd: evaluated_loss(ledger, cpt("search", d0, wd, range(1)), domain, profile.context) for wd in profile.wds}
     reg_wd = min(candidates, key=candidates.get)
 
     log.info("[4/6] CPT at budgets %s: standard (wd %g, %d seeds) and regularized (wd %g, %d seeds)",
@@ -153,7 +144,7 @@ def run(out: Path, profile: CptProfile, domain_corpus: tuple[str, ...], wiki_cor
             kmax = profile.seeds if recipe == "standard" else profile.k
             for k in range(1, kmax + 1):
                 for subset in itertools.combinations(range(len(dirs)), k):
-                    loss = ledger.loss([dirs[i] for i in subset], domain, profile.context)
+                    loss = evaluated_loss(ledger, [dirs[i] for i in subset], domain, profile.context)
                     rows.append({"recipe": recipe, "x": d, "seeds": list(subset), "loss": loss})
 
     log.info("[5/6] a student distilled from the largest budget's K=%d ensemble", profile.k)
@@ -187,17 +178,17 @@ def analyze(out: Path, profile: CptProfile, ledger: Ledger, base: Path, domain: 
                 losses[f"{recipe} K={k} @ D={d}"] = {"loss": mean, "lo": float(np.percentile(draws, 2.5)),
                                                      "hi": float(np.percentile(draws, 97.5))}
     wiki_ctx = profile.context
-    forgetting = {"base": ledger.loss([base], wiki, wiki_ctx)}
-    forgetting["standard K=1"] = float(np.mean([ledger.loss([m], wiki, wiki_ctx) for m in runs[("standard", d_max)]]))
-    forgetting["regularized K=1"] = float(np.mean([ledger.loss([m], wiki, wiki_ctx)
+    forgetting = {"base": evaluated_loss(ledger, [base], wiki, wiki_ctx)}
+    forgetting["standard K=1"] = float(np.mean([evaluated_loss(ledger, [m], wiki, wiki_ctx) for m in runs[("standard", d_max)]]))
+    forgetting["regularized K=1"] = float(np.mean([evaluated_loss(ledger, [m], wiki, wiki_ctx)
                                                    for m in runs[("regularized", d_max)]]))
-    forgetting[f"regularized ensemble K={profile.k}"] = ledger.loss(runs[("regularized", d_max)], wiki, wiki_ctx)
-    forgetting["student"] = ledger.loss([student], wiki, wiki_ctx)
-    student_loss = ledger.loss([student], domain, profile.context)
+    forgetting[f"regularized ensemble K={profile.k}"] = evaluated_loss(ledger, runs[("regularized", d_max)], wiki, wiki_ctx)
+    forgetting["student"] = evaluated_loss(ledger, [student], wiki, wiki_ctx)
+    student_loss = evaluated_loss(ledger, [student], domain, profile.context)
     measured = {
         "profile": dataclasses.asdict(profile), "base": str(base), "regularized_wd": reg_wd,
         "wd_search": {f"{wd:g}": loss for wd, loss in candidates.items()},
-        "base_domain_loss": ledger.loss([base], domain, profile.context), "student_domain_loss": student_loss,
+        "base_domain_loss": evaluated_loss(ledger, [base], domain, profile.context), "student_domain_loss": student_loss,
         "losses": losses, "forgetting_wiki_loss": forgetting, "evaluations": rows,
     }
     return {**measured, **derive(measured["evaluations"], profile, out)}

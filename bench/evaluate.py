@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from serve.reference import ReferenceEnsemble
 from train.data import IGNORE_INDEX, load_tokens, read_manifest, tokenizer_hash, windows
-from train.console import ChorusError
+from plumbing.console import ChorusError
 
 log = logging.getLogger(__name__)
 

@@ -51,7 +51,7 @@ from scipy.stats import f as f_distribution
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
-from train.console import ChorusError
+from plumbing.console import ChorusError
 
 N_PARAMS = 3
 # The exponent is searched on this log grid, then refined inside the best cell. Beyond 20 the curve is a step.

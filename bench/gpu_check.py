@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from bench.train_throughput import datasheet_peak, measure_matmul_peak
-from train.artifacts import atomic_write_json
+from plumbing.artifacts import atomic_write_json
 from train.data import DatasetSpec, prepare_dataset, read_manifest
 from train.model import flops_per_token, get_shape, llama_config
 from train.trainer import TrainConfig, train_member

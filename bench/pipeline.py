@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from bench.study import StudyConfig, StudyError, load_profile, run_study
-from train.console import exit_on, setup_logging
+from plumbing.console import exit_on, setup_logging
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from bench.fits import LACK_OF_FIT_ALPHA, DataEfficiency, Interval, JointLimitFit, PowerLawFit
-from train.artifacts import atomic_write_text, publish_file
+from plumbing.artifacts import atomic_write_text, publish_file
 
 
 def _cell(value) -> str:

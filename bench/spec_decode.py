@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from serve.draft import DRAFT_SAMPLING
-from train.artifacts import atomic_write_json
+from plumbing.artifacts import atomic_write_json
 
 log = logging.getLogger(__name__)
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
@@ -61,7 +61,7 @@ def run_contender(target: str, draft: str | None, n_spec: int, concurrency: list
 
     from serve.draft import speculative_config
     from serve.engine import engine_dtype
-    from train.ray_session import NO_TELEMETRY_ENV
+    from plumbing.ray_session import NO_TELEMETRY_ENV
 
     os.environ.update(NO_TELEMETRY_ENV)
     spec = speculative_config(draft, n_spec, sampling=sampling) if draft else None

@@ -43,9 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
-from train.artifacts import OutputLock, atomic_write_json, atomic_write_text, read_json
-from train.console import ChorusError, exit_on, setup_logging
-from train.search import Ledger
+from plumbing.artifacts import Ledger, OutputLock, atomic_write_json, atomic_write_text, read_json
+from plumbing.console import ChorusError, exit_on, setup_logging
+from train.search import run_ledger
 
 log = logging.getLogger("bench.study")
 
@@ -254,30 +254,13 @@ def model_ids(model_dirs: list[str]) -> list[list]:
     """What an evaluation is of: each model directory with its weights' recorded sha256, so that a model
     retrained in place (same directory, new weights) is evaluated anew, not answered from the cache."""
     from serve.pack import recorded_sha256
-    from train.data import sha256_file
+    from plumbing.artifacts import sha256_file
 
     def weights_sha256(d: str) -> str:
         recorded = recorded_sha256(d)  # written when the directory was made; hashing is the fallback
         return recorded[0] if recorded else sha256_file(Path(d) / "model.safetensors")
 
     return [[str(d), weights_sha256(d)] for d in model_dirs]
-
-
-class EvalCache(Ledger):
-    """Evaluations already done, in the same append-only JSON lines as train/'s run ledger but keyed by what
-    was evaluated: a re-run evaluates nothing twice."""
-
-    computed = 0  # evaluations this process actually ran
-
-    def get(self, key: dict, compute):
-        k = json.dumps(key, sort_keys=True)
-        if k not in self.records:
-            record = {"key": k, "value": compute()}
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            self.records[k] = record
-            self.computed += 1
-        return self.records[k]["value"]
 
 
 # ---- the main job's own checks: the endpoint and a held-out task ---------------------------------------
@@ -376,7 +359,7 @@ class Study:
         self.results.setdefault("phases_done", [])
         self.results.setdefault("seconds", {})
         self.results["command"] = cfg.command
-        self.evals = EvalCache(self.out / "evals.jsonl")
+        self.evals = Ledger(self.out / "evals.jsonl")  # evaluations done: a re-run evaluates nothing twice
         self.trained = 0  # runs this invocation actually trained (0 on a resumed, finished study)
 
     def save(self, phase: str | None = None) -> None:
@@ -401,9 +384,9 @@ class Study:
         """Every config's ledger record, training (as stacks where they share a shape and schedule) the missing."""
         from train.search import train_ledgered
 
-        before = len(Ledger(ledger_dir / "ledger.jsonl").records)
+        before = len(run_ledger(ledger_dir).records)
         records = train_ledgered(configs, ledger_dir, self.cfg.address, desc=desc)
-        self.trained += len(Ledger(ledger_dir / "ledger.jsonl").records) - before
+        self.trained += len(run_ledger(ledger_dir).records) - before
         return records
 
     def at(self, preset: str, tokens: int, epochs: int, lr: float, wd: float, seed: int = 0):
@@ -426,11 +409,11 @@ class Study:
             start = self._main_optimum(preset, standard)
             space = dataclasses.replace(space, lrs=(start[1],), fixed=tuple({*space.fixed, "lr"}))
         ledger_dir = self.ledger_dir(preset, tokens)
-        before = len(Ledger(ledger_dir / "ledger.jsonl").records)
+        before = len(run_ledger(ledger_dir).records)
         outcome = coordinate_descent(self.base_config(preset, tokens), space, ledger_dir,
                                      start=(start[0], start[1], 0.1 if standard else start[2]),
                                      address=self.cfg.address, max_rounds=self.p.max_rounds)
-        self.trained += len(Ledger(ledger_dir / "ledger.jsonl").records) - before
+        self.trained += len(run_ledger(ledger_dir).records) - before
         o = outcome["optimum"]
         return {"epochs": o["epochs"], "lr": o["lr"], "wd": o["wd"], "certified": outcome["certified"],
                 "rounds": outcome["rounds"], "reason": outcome["reason"], "runs": outcome["runs"]}
@@ -562,7 +545,7 @@ class Study:
         from bench.evaluate import validation_loss
 
         key = {"kind": "loss", "models": model_ids(model_dirs), "combine": "logits"}
-        return self.evals.get(key, lambda: validation_loss(model_dirs, self.data_dir, "logits", progress=False))["loss"]
+        return self.evals.value(key, lambda: validation_loss(model_dirs, self.data_dir, "logits", progress=False))["loss"]
 
     def phase_ensembles(self) -> None:
         from tqdm import tqdm
@@ -615,7 +598,7 @@ class Study:
         ensemble_dir = pack_ensemble(self.teacher_dirs(), self.out / "ensemble", combine="logits")
         key = {"kind": "endpoint", "models": model_ids([str(ensemble_dir)])}
         self._release_ray()
-        endpoint = self.evals.get(key, lambda: check_endpoint(ensemble_dir, _free_port(), self.cfg.address))
+        endpoint = self.evals.value(key, lambda: check_endpoint(ensemble_dir, _free_port(), self.cfg.address))
         log.info("endpoint answered: models %s, completion %r, %d stream chunks", endpoint["models"],
                  endpoint["completion"][:60], endpoint["stream_chunks"])
         self.results["serve"] = {**endpoint, "ensemble_dir": str(ensemble_dir)}
@@ -774,7 +757,7 @@ class Study:
         for name, dirs in self.downstream_models().items():
             key = {"kind": "downstream", "models": model_ids(dirs), "tasks": [str(t) for t in tasks],
                    "limit": self.p.eval_limit}
-            results[name] = self.evals.get(key, lambda dirs=dirs: evaluate_downstream(
+            results[name] = self.evals.value(key, lambda dirs=dirs: evaluate_downstream(
                 dirs, tasks, "logits", self.p.eval_limit, progress=False))
             log.info("downstream %s: %s", name, ", ".join(f"{t} {r['acc']:.3f}" for t, r in results[name].items()))
         self.results["downstream"] = {"limit": self.p.eval_limit, "models": results}
@@ -1122,13 +1105,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    from bench.calibration import CalibrationError
-    from distill.student import DistillError
-    from synthdata.job import JobError
-    from train.data import DataError
-    from train.model import ShapeError
-
-    with exit_on(StudyError, DataError, ShapeError, JobError, DistillError, CalibrationError):
+    with exit_on():
         if args.report_only:
             path = Path(args.out) / "results.json"
             if not path.exists():

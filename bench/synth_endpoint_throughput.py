@@ -23,8 +23,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from synthdata.job import GenerateConfig, generate, read_manifest
-from train.artifacts import atomic_write_json
-from train.console import setup_logging
+from plumbing.artifacts import atomic_write_json
+from plumbing.console import setup_logging
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from train.corpus import default_corpus
 from train.data import DatasetSpec, prepare_dataset, read_manifest
 from train.members import run_trainings
 from train.model import flops_per_token, get_shape, llama_config
-from train.ray_session import ray_session
+from plumbing.ray_session import ray_session
 from train.stacked import train_stack
 from train.trainer import TrainConfig, train_member
 

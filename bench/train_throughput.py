@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.artifacts import atomic_write_json
+from plumbing.artifacts import atomic_write_json
 from train.corpus import default_corpus
 from train.data import DatasetSpec, prepare_dataset
 from train.model import flops_per_token, get_shape, llama_config

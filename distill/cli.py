@@ -4,11 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from distill.student import RECIPES, DistillConfig, DistillError, distill
+from distill.student import RECIPES, DistillConfig, distill
 from train.cli import add_train_args, check_preset, train_config_from_args
-from train.console import exit_on, setup_logging
-from train.data import DataError
-from train.model import ShapeError
+from plumbing.console import exit_on, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,13 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    with exit_on(DistillError, DataError, ShapeError):
+    with exit_on():
         check_preset(args)
         cfg = DistillConfig(train=train_config_from_args(args, args.seed), synthetic_dir=args.synthetic,
                             recipe=args.recipe, w=args.w, blend=args.blend, temperature=args.temperature,
                             annotations=args.annotations)
         if args.address:
-            from train.ray_session import run_as_task
+            from plumbing.ray_session import run_as_task
 
             result = run_as_task(args.address, distill, cfg, args.out)
         else:

@@ -27,10 +27,10 @@ from distill.mixture import MixtureBatches
 from distill.kd import kd_token_loss
 from synthdata.annotate import Annotations
 from synthdata.loader import TokenShards
-from train.artifacts import atomic_write_json
+from plumbing.artifacts import atomic_write_json
 from train.data import DataError, load_tokens, read_manifest, windows
 from train.trainer import TrainConfig, token_loss_on_device, train_loop, validation_windows
-from train.console import ChorusError
+from plumbing.console import ChorusError
 
 log = logging.getLogger(__name__)
 

@@ -26,8 +26,8 @@ import httpx
 from serve.draft import check_draft, speculative_config
 from serve.engine import engine_dtype
 from serve.pack import PackError, check_weights, read_config
-from train.console import ChorusError
-from train.ray_session import (NO_TELEMETRY_ENV, connect_ray, disconnect_ray, is_loopback,
+from plumbing.console import ChorusError
+from plumbing.ray_session import (NO_TELEMETRY_ENV, connect_ray, disconnect_ray, is_loopback,
                                keep_serve_replica_on_loopback)
 
 log = logging.getLogger(__name__)

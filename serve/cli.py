@@ -9,8 +9,8 @@ from pathlib import Path
 
 from serve.app import LIMIT_FLAGS, EnsembleConfig, ServeError
 from serve.draft import DRAFT_SAMPLING
-from serve.pack import COMBINE_RULES, PackError, pack_ensemble
-from train.console import exit_on, setup_logging
+from serve.pack import COMBINE_RULES, pack_ensemble
+from plumbing.console import exit_on, setup_logging
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def cmd_up(args) -> None:
         finally:
             print("stopping: replicas, engines, Serve and the Ray this command started", flush=True)
             stop_app()
-    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (train.console.exit_on): a requested stop, not a failure
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (plumbing.console.exit_on): a requested stop, not a failure
         print("stopped", flush=True)
 
 
@@ -150,5 +150,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    with exit_on(PackError, ServeError):
+    with exit_on():
         args.func(args)

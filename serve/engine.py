@@ -25,7 +25,7 @@ def offline_engine(model_dir: str | Path, *, max_model_len: int | None = None, k
     """A `vllm.LLM` on an ensemble (or member) directory; its engine process is shut down on exit."""
     from vllm import LLM
 
-    from train.ray_session import NO_TELEMETRY_ENV
+    from plumbing.ray_session import NO_TELEMETRY_ENV
 
     os.environ.update(NO_TELEMETRY_ENV)  # no vLLM usage reports from this engine or its processes
     llm = LLM(model=str(model_dir), dtype=engine_dtype(), max_model_len=max_model_len, kv_cache_memory_bytes=kv_cache_bytes,

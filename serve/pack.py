@@ -24,9 +24,10 @@ from safetensors import SafetensorError, safe_open
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.artifacts import ArtifactError, fresh_tmp_dir, publish_dir, read_json
-from train.console import ChorusError
-from train.data import sha256_file, tokenizer_hash
+from plumbing.artifacts import ArtifactError, fresh_tmp_dir, publish_dir, read_json
+from plumbing.console import ChorusError
+from plumbing.artifacts import sha256_file
+from train.data import tokenizer_hash
 
 log = logging.getLogger(__name__)
 

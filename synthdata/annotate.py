@@ -32,9 +32,10 @@ from synthdata.engine import TeacherEngine, engine_env
 from synthdata.job import JobError, ShardedOutput, engine_cores, open_job, read_manifest
 from synthdata.soft_targets import COLUMNS, METHOD, SoftTargetError, SoftTargets, read_columns, topk_arrays
 from synthdata.teacher import read_teacher
-from train.artifacts import OutputLock, atomic_write_json, publish_file
-from train.data import DataError, load_tokens, read_manifest as read_dataset_manifest, sha256_file, windows
-from train.ray_session import connect_ray, disconnect_ray
+from plumbing.artifacts import OutputLock, atomic_write_json, publish_file
+from plumbing.artifacts import sha256_file
+from train.data import DataError, load_tokens, read_manifest as read_dataset_manifest, windows
+from plumbing.ray_session import connect_ray, disconnect_ray
 
 log = logging.getLogger(__name__)
 

@@ -4,11 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from synthdata.endpoint import EndpointError
-from synthdata.job import MODES, GenerateConfig, JobError, generate
-from synthdata.teacher import TeacherError
-from train.console import exit_on, setup_logging
-from train.data import DataError
+from synthdata.job import MODES, GenerateConfig, generate
+from plumbing.console import exit_on, setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +111,6 @@ def cmd_check(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    with exit_on(JobError, TeacherError, DataError, EndpointError):
+    with exit_on():
         summary = args.func(args)
     print(json.dumps(summary))

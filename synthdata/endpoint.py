@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 
 from synthdata.engine import SamplingSettings
-from train.console import ChorusError
+from plumbing.console import ChorusError
 
 API_KEY_ENV = "CHORUS_API_KEY"  # the same variable `serve up` reads its key from
 TOKEN_PREFIX = "token_id:"

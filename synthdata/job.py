@@ -61,8 +61,8 @@ from synthdata.shards import (MANIFEST_FORMAT, SYNTHETIC, JobError, ShardedOutpu
                               content_hash, duplicate_sequences, open_job, read_manifest, record_shard, write_shard)
 from synthdata.soft_targets import METHOD as SOFT_TARGET_METHOD
 from synthdata.teacher import Teacher, member_dirs, read_teacher
-from train.artifacts import OutputLock
-from train.ray_session import connect_ray, disconnect_ray
+from plumbing.artifacts import OutputLock
+from plumbing.ray_session import connect_ray, disconnect_ray
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ import pyarrow.parquet as pq
 from synthdata.shards import JobError, iter_token_rows, read_manifest, verify_shard
 from synthdata.soft_targets import COLUMNS as SOFT_COLUMNS
 from synthdata.soft_targets import SoftTargetError, SoftTargets, read_columns
-from train.data import DataError, concat_tokens, sha256_file
+from plumbing.artifacts import sha256_file
+from train.data import DataError, concat_tokens
 from train.data import read_manifest as read_dataset_manifest
 
 log = logging.getLogger(__name__)

@@ -30,9 +30,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from synthdata.soft_targets import topk_arrays
-from train.artifacts import atomic_write_json, disk_full_named, publish_file
-from train.data import read_json_manifest, sha256_file
-from train.console import ChorusError
+from plumbing.artifacts import atomic_write_json, disk_full_named, publish_file
+from plumbing.artifacts import sha256_file
+from train.data import read_json_manifest
+from plumbing.console import ChorusError
 
 log = logging.getLogger(__name__)
 

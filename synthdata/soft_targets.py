@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from train.console import ChorusError
+from plumbing.console import ChorusError
 
 COLUMNS = ("topk_ids", "topk_logprobs", "topk_tail")
 METHOD = ("vLLM prompt_logprobs (flat) over the finished sequence through the teacher's engine: one prefill "

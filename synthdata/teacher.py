@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from serve.pack import WEIGHTS, PackError, check_weights, ensemble_info, extract_member, read_config, weights_sha256
-from train.console import ChorusError
+from plumbing.console import ChorusError
 from train.data import tokenizer_hash
 
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import LlamaConfig
 
-from train.artifacts import ArtifactError, read_json, sha256_file
+from plumbing.artifacts import ArtifactError, read_json, sha256_file
 from train.model import PRESETS, Shape, ShapeError, check_shape, shape_of
 
 WEIGHTS, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"

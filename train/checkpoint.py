@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.artifacts import (ArtifactError, atomic_write_json, disk_full_named, fresh_tmp_dir, publish_dir,
+from plumbing.artifacts import (ArtifactError, atomic_write_json, disk_full_named, fresh_tmp_dir, publish_dir,
                              read_json)
 
 POINTER = "checkpoint.json"

@@ -5,11 +5,10 @@ import argparse
 import json
 import logging
 
-from train.console import exit_on, setup_logging
-from train.corpus import CorpusError, default_corpus
+from plumbing.console import exit_on, setup_logging
+from train.corpus import default_corpus
 from train.data import DatasetSpec, prepare_dataset
-from train.model import PRESETS, ShapeError, get_shape
-from train.artifacts import ArtifactError
+from train.model import PRESETS, get_shape
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
@@ -183,5 +182,5 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     setup_logging(args.verbose)
-    with exit_on(CorpusError, ArtifactError, ShapeError):  # ArtifactError: DataError, a held output, a stack too big
+    with exit_on():
         args.func(args)

@@ -21,8 +21,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from train.artifacts import atomic_write_text
-from train.console import ChorusError
+from plumbing.artifacts import atomic_write_text
+from plumbing.console import ChorusError
 
 log = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from train.artifacts import ArtifactError, OutputLock, atomic_write_bytes, atomic_write_json, publish_file, sha256_file
-from train.artifacts import read_manifest as read_json_manifest
+from plumbing.artifacts import ArtifactError, OutputLock, atomic_write_bytes, atomic_write_json, publish_file, sha256_file
+from plumbing.artifacts import read_manifest as read_json_manifest
 from train.corpus import CorpusError, corpus_files, read_documents
 
 log = logging.getLogger(__name__)

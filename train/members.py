@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from train.ray_session import ray_session
+from plumbing.ray_session import ray_session
 from train.stacked import SHARED_FIELDS, train_stack
 from train.trainer import TrainConfig, train_member
 

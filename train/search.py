@@ -19,15 +19,13 @@ ledger.jsonl keyed by its full configuration, so no run is repeated, a killed se
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.artifacts import atomic_write_json
+from plumbing.artifacts import Ledger, atomic_write_json
 from train.members import train_runs
 from train.trainer import TrainConfig
 
@@ -171,36 +169,14 @@ def descend(space: SearchSpace, start: Values, objective: Callable[[list[Values]
                    max_rounds, space, seen)
 
 
-class Ledger:
-    """Append-only JSON lines, one per finished run, keyed by the run's full configuration."""
+def run_ledger(out_dir: Path) -> Ledger:
+    """out_dir/ledger.jsonl: one record per finished run, keyed by the run's full configuration (its identity)."""
+    return Ledger(out_dir / "ledger.jsonl")
 
-    def __init__(self, path: Path):
-        self.path = path
-        self.records: dict[str, dict] = {}
-        if path.exists():
-            for line in path.read_text().splitlines():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill: that run is found again from its result.json
-                self.records[rec["key"]] = rec
 
-    @staticmethod
-    def key(cfg: TrainConfig) -> str:
-        return json.dumps(cfg.identity(), sort_keys=True)
-
-    def get(self, cfg: TrainConfig) -> dict | None:
-        return self.records.get(self.key(cfg))
-
-    def add(self, cfg: TrainConfig, result: dict, run_dir: Path) -> dict:
-        rec = {"key": self.key(cfg), "epochs": cfg.epochs, "lr": cfg.lr, "wd": cfg.weight_decay,
-               "seed": cfg.seed, "val_loss": result["val_loss"], "run_dir": str(run_dir)}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.records[rec["key"]] = rec
-        return rec
+def _run_record(cfg: TrainConfig, result: dict, run_dir: Path) -> dict:
+    return {"epochs": cfg.epochs, "lr": cfg.lr, "wd": cfg.weight_decay, "seed": cfg.seed,
+            "val_loss": result["val_loss"], "run_dir": str(run_dir)}
 
 
 def _run_name(cfg: TrainConfig) -> str:
@@ -211,13 +187,13 @@ def train_ledgered(configs: list[TrainConfig], out_dir: Path, address: str | Non
                    separate: bool = False, desc: str = "runs") -> list[dict]:
     """Every config's ledger record in out_dir/ledger.jsonl, training (out_dir/runs/<name>) those it lacks."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(out_dir / "ledger.jsonl")
-    todo = list({ledger.key(c): c for c in configs if ledger.get(c) is None}.values())
+    ledger = run_ledger(out_dir)
+    todo = list({ledger.key(c.identity()): c for c in configs if ledger.get(c.identity()) is None}.values())
     if todo:
         dirs = [out_dir / "runs" / _run_name(c) for c in todo]
         for c, d, r in zip(todo, dirs, train_runs(todo, dirs, address, parallel, separate, desc=desc)):
-            ledger.add(c, r, d)
-    return [ledger.get(c) for c in configs]
+            ledger.add(c.identity(), _run_record(c, r, d))
+    return [ledger.get(c.identity()) for c in configs]
 
 
 def coordinate_descent(base: TrainConfig, space: SearchSpace, out_dir: str | Path,
@@ -241,7 +217,7 @@ def coordinate_descent(base: TrainConfig, space: SearchSpace, out_dir: str | Pat
     if not d.certified:
         log.warning("%s; best so far %s", d.reason, d.optimum)
     e, lr, wd = d.optimum
-    ran = {(r["epochs"], r["lr"], r["wd"], r["seed"]): r for r in Ledger(out_dir / "ledger.jsonl").records.values()}
+    ran = {(r["epochs"], r["lr"], r["wd"], r["seed"]): r for r in run_ledger(out_dir).records.values()}
     runs = sorted((r for r in ran.values() if r["seed"] == base.seed), key=lambda r: r["val_loss"])
     outcome = {
         "optimum": {"epochs": e, "lr": lr, "wd": wd, "val_loss": d.loss},

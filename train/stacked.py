@@ -37,7 +37,7 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from train.artifacts import ArtifactError, OutputLock, atomic_write_json, read_json
+from plumbing.artifacts import ArtifactError, OutputLock, atomic_write_json, read_json
 from train.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
 from train.model import Shape, flops_per_token

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from train.artifacts import OutputLock, atomic_write_json, fresh_tmp_dir, publish_dir, sha256_file
+from plumbing.artifacts import OutputLock, atomic_write_json, fresh_tmp_dir, publish_dir, sha256_file
 from train.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
 from train.base import BaseModel, BaseModelError, base_state_dict, check_base_fits, member_config, read_base
@@ -254,7 +254,7 @@ def trim_metrics(path: Path, last_step: int) -> None:
 
 def claim_run_dir(run_dir: Path, identity: dict) -> None:
     """Record the run's identity, or check that an existing run dir belongs to the same run."""
-    from train.artifacts import read_json  # a corrupt run.json / result.json is named (ArtifactError)
+    from plumbing.artifacts import read_json  # a corrupt run.json / result.json is named (ArtifactError)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     record = run_dir / "run.json"

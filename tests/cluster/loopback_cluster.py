@@ -4,7 +4,7 @@ conftest.py; the handle and helpers are here so tests can import them).
 `ray.cluster_utils.Cluster`: a head node with no CPUs (drivers join it: Ray prefers the head among nodes that
 share an IP, so killing a worker node never kills a driver) and worker nodes of 1 CPU each, each with a custom
 resource naming it. Every node has its own raylet, object store and workers, so a node can be killed alone
-(`remove_node`: all its processes). Loopback as train/ray_session.py does it: node IP 127.0.0.1 and Ray's
+(`remove_node`: all its processes). Loopback as plumbing/ray_session.py does it: node IP 127.0.0.1 and Ray's
 single-machine switch off, for the nodes started here and for the commands the tests start (they join with
 `--address`). All nodes share this machine's filesystem: the "shared filesystem" a real cluster needs.
 """
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import psutil
 import pytest
-from train.ray_session import LOOPBACK, LOOPBACK_ENV
+from plumbing.ray_session import LOOPBACK, LOOPBACK_ENV
 
 WORKER_NODES = 3
 

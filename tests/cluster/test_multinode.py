@@ -28,7 +28,7 @@ import pytest
 
 from loopback_cluster import distinct_nodes, ray_cluster  # noqa: F401 - ray_cluster is the cluster fixture
 from synthdata.job import content_hash, duplicate_sequences, plan_shards, sequence_draws
-from train.data import sha256_file
+from plumbing.artifacts import sha256_file
 
 pytestmark = pytest.mark.slow
 PY = sys.executable

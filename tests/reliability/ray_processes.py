@@ -10,13 +10,13 @@ import re
 
 import psutil
 
-from train.ray_session import is_loopback
+from plumbing.ray_session import is_loopback
 
-SESSION_RE = re.compile(r"session (/\S+/session_[\w.-]+)")  # as train.ray_session logs it
+SESSION_RE = re.compile(r"session (/\S+/session_[\w.-]+)")  # as plumbing.ray_session logs it
 
 
 def session_dir_in(log_text: str) -> str:
-    """The session directory of the local Ray a command started, from its log (train.ray_session's line)."""
+    """The session directory of the local Ray a command started, from its log (plumbing.ray_session's line)."""
     found = SESSION_RE.search(log_text)
     assert found, f"no 'started a local Ray ... session ...' line in the log:\n{log_text[-2000:]}"
     return found.group(1).rstrip(")")

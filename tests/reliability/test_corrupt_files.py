@@ -22,7 +22,7 @@ import pytest
 from serve.app import EnsembleConfig
 from serve.pack import PackError, pack_ensemble
 from serve.reference import ReferenceEnsemble
-from train.artifacts import atomic_write_json
+from plumbing.artifacts import atomic_write_json
 from synthdata.job import (GenerateConfig, JobError, ShardRows, check_config, job_record, open_job, plan_shards,
                            write_shard)
 from synthdata.loader import TokenShards

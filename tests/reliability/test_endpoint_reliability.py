@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from endpoint_cases import Case, auth_cases, completion_cases, surrogate_cases
 from ray_processes import listeners, off_loopback, session_processes
 from serve.app import EnsembleConfig, start_app, stop_app
-from train.ray_session import session_dir
+from plumbing.ray_session import session_dir
 
 API_KEY = "reliability-key"
 NAME = "tiny-ensemble"

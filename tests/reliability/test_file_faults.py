@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from train import artifacts, checkpoint, corpus
-from train.artifacts import ArtifactError, DiskFullError, OutputLock, atomic_write_json
+from plumbing import artifacts
+from train import checkpoint, corpus
+from plumbing.artifacts import ArtifactError, DiskFullError, OutputLock, atomic_write_json
 from train.checkpoint import load_checkpoint, save_checkpoint
-from train.console import ChorusError
+from plumbing.console import ChorusError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -205,7 +206,7 @@ def test_the_project_errors_are_chorus_errors_and_a_bug_keeps_its_traceback(tmp_
 
     for error in (ArtifactError, DataError, DiskFullError, CorpusError, PackError, ServeError, ShapeError, TeacherError):
         assert issubclass(error, ChorusError), error
-    script = ("import sys; from train.console import exit_on\n"
+    script = ("import sys; from plumbing.console import exit_on\n"
               "from train.corpus import CorpusError\n"
               "with exit_on():\n"
               "    raise (CorpusError('the corpus is empty') if sys.argv[1] == 'ours' else ValueError('a bug'))\n")
@@ -255,7 +256,7 @@ def test_a_filesystem_without_locks_is_refused_by_name(tmp_path, monkeypatch):
     ("ext4", "rw", False)])
 def test_a_lock_that_holds_on_one_host_only_is_warned_about(tmp_path, monkeypatch, caplog, fstype, options, host_local):
     monkeypatch.setattr(artifacts, "_mounts", lambda: [("/", "ext4", ["rw"]), (str(tmp_path), fstype, options.split(","))])
-    with caplog.at_level("WARNING", logger="train.artifacts"):
+    with caplog.at_level("WARNING", logger="plumbing.artifacts"):
         with OutputLock(tmp_path / "out"):
             pass
     warned = [r.getMessage() for r in caplog.records if "holds on this host only" in r.getMessage()]

@@ -1,6 +1,6 @@
 """The Ray that Chorus starts is its own: never $RAY_ADDRESS's cluster or a `ray start` one, and locked with a token.
 
-train.ray_session.connect_ray is the one door to Ray (serve up, the synthetic job, train members --separate
+plumbing.ray_session.connect_ray is the one door to Ray (serve up, the synthetic job, train members --separate
 and bench all go through it). Without an address it must start a private local Ray, whatever $RAY_ADDRESS
 says; that Ray requires Ray's token authentication, with a token only this process's environment holds, even
 where the user's environment turned authentication off; and every process it starts has vLLM's usage
@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[2]
 DRIVER = """
 import json, os, sys
 import ray
-from train.ray_session import connect_ray, session_dir, token_auth_enabled
+from plumbing.ray_session import connect_ray, session_dir, token_auth_enabled
 started = connect_ray(num_cpus=1)
 print(json.dumps({"started": started, "gcs": ray.get_runtime_context().gcs_address, "session": session_dir(),
                   "token": os.environ["RAY_AUTH_TOKEN"], "auth": token_auth_enabled()}), flush=True)
@@ -32,7 +32,7 @@ sys.stdin.readline()
 ray.shutdown()
 """
 
-# A client on this machine, joining at the loopback address the way train.ray_session would.
+# A client on this machine, joining at the loopback address the way plumbing.ray_session would.
 CLIENT = """
 import ray, sys
 from ray._private import ray_constants

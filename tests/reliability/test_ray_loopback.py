@@ -1,4 +1,4 @@
-"""A local Ray that Chorus starts (train.ray_session) listens on loopback only, and leaves nothing behind.
+"""A local Ray that Chorus starts (plumbing.ray_session) listens on loopback only, and leaves nothing behind.
 
 Real Ray and real Serve (a trivial deployment, no engine: the endpoint's own check with the vLLM engine is in
 test_endpoint_reliability.py). Every listening TCP socket of every process of the session is enumerated with
@@ -12,7 +12,7 @@ import httpx
 import psutil
 
 from ray_processes import listeners, off_loopback, session_processes
-from train.ray_session import connect_ray, disconnect_ray, is_loopback, keep_serve_replica_on_loopback, session_dir
+from plumbing.ray_session import connect_ray, disconnect_ray, is_loopback, keep_serve_replica_on_loopback, session_dir
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """SIGTERM (systemd, Docker, Kubernetes, `kill`) stops a Chorus command as Ctrl-C does, leaving nothing behind.
 
-The fast test shows the mechanism (train.console.exit_on) on a bare command, with its negative control: without
+The fast test shows the mechanism (plumbing.console.exit_on) on a bare command, with its negative control: without
 it a SIGTERM skips every clean-up. The slow one runs `python -m serve up` as a user would (key in the
 environment), sends SIGTERM, and lists what survives: its process tree and every process of the Ray session it
 started (found by session directory).
@@ -25,7 +25,7 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKE
 
 COMMAND = """
 import sys, time
-from train.console import exit_on
+from plumbing.console import exit_on
 def work():
     try:
         print("working", flush=True)
@@ -33,7 +33,7 @@ def work():
     finally:
         print("cleaned up", flush=True)
 if sys.argv[1] == "exit_on":
-    with exit_on(ValueError):
+    with exit_on():
         work()
 else:
     work()

@@ -113,7 +113,7 @@ def greedy(model_dir: Path, prompts: list[list[int]], draft: Path | None = None)
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from train.ray_session import NO_TELEMETRY_ENV
+    from plumbing.ray_session import NO_TELEMETRY_ENV
 
     os.environ.update(NO_TELEMETRY_ENV)
     spec = speculative_config(draft, 4) if draft else None

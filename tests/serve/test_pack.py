@@ -17,7 +17,8 @@ from safetensors.torch import load_file
 from serve.pack import (PackError, check_combine, ensemble_members, extract_member, member_state_dicts, pack_ensemble,
                         read_config, split_member_name, weights_sha256)
 from serve.reference import ReferenceEnsemble, combine_member_logits
-from train.data import load_tokens, sha256_file
+from plumbing.artifacts import sha256_file
+from train.data import load_tokens
 
 REPO = __import__("pathlib").Path(__file__).resolve().parents[2]
 

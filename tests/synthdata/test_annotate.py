@@ -10,7 +10,8 @@ import pytest
 
 from synthdata.annotate import AnnotateConfig, Annotations, annotate
 from synthdata.job import JobError
-from train.data import DataError, load_tokens, sha256_file, windows
+from plumbing.artifacts import sha256_file
+from train.data import DataError, load_tokens, windows
 
 CONTEXT, TOKENS, K = 128, 3_000, 8
 

@@ -19,7 +19,8 @@ from synthdata.job import (GenerateConfig, JobError, content_hash, duplicate_seq
 from synthdata.loader import TokenShards
 from synthdata.teacher import TeacherError
 from conftest import SYNTH_SHARD_TOKENS, SYNTH_TOKENS
-from train.data import DataError, load_tokens, sha256_file
+from plumbing.artifacts import sha256_file
+from train.data import DataError, load_tokens
 
 
 def rows(out: Path) -> list[dict]:

@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from synthdata.engine import HANG_ENV
 from synthdata.job import GenerateConfig, generate, plan_shards, sequence_draws
-from train.data import sha256_file
+from plumbing.artifacts import sha256_file
 
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.artifacts import sha256_file
+from plumbing.artifacts import sha256_file
 from train.base import BaseModelError
 from train.data import DatasetSpec, load_tokens, prepare_dataset, windows
 from train.trainer import EpochBatches, TrainConfig, token_loss, train_member

@@ -132,7 +132,7 @@ def test_windows_cover_every_target_once():
 
 def test_dataset_with_an_existing_models_tokenizer(corpus_dir, tmp_path):
     """`train data --tokenizer DIR` (continued pre-training): the base's tokenizer is used as is, its hash recorded."""
-    from train.artifacts import sha256_file
+    from plumbing.artifacts import sha256_file
 
     base = prepare_dataset(DatasetSpec(corpus=(str(corpus_dir),), vocab_size=300), tmp_path / "base")
     base_tok = tmp_path / "base" / "tokenizer"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from train.members import joint_recipe, train_members
-from train.search import Ledger, SearchSpace, coordinate_descent, descend, ladder_step
+from train.search import SearchSpace, run_ledger, coordinate_descent, descend, ladder_step
 from train.trainer import TrainConfig
 
 
@@ -109,7 +109,7 @@ def test_search_certifies_and_resumes_without_rerunning(tiny_dataset, tmp_path):
     again = coordinate_descent(base, space, tmp_path / "search")
     assert again["optimum"] == opt
     assert (tmp_path / "search" / "ledger.jsonl").read_text().splitlines() == ledger_lines  # nothing re-ran
-    assert len(Ledger(tmp_path / "search" / "ledger.jsonl").records) == len(runs)
+    assert len(run_ledger(tmp_path / "search").records) == len(runs)
 
 
 def test_k_members_differ_only_by_seed(tiny_dataset, tmp_path):

@@ -254,7 +254,7 @@ def test_stack_refuses_members_of_different_shapes(tiny_dataset, tmp_path):
 
 @pytest.mark.slow  # a Ray start
 def test_members_cli_explains_stacking_and_separate_uses_ray(tiny_dataset, tmp_path):
-    """`--separate` keeps the Ray path (train.ray_session): same members as the stack, Ray stopped after."""
+    """`--separate` keeps the Ray path (plumbing.ray_session): same members as the stack, Ray stopped after."""
     import ray
 
     from train.members import train_members

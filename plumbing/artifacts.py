@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from train.console import ChorusError
+from plumbing.console import ChorusError
 
 log = logging.getLogger(__name__)
 
@@ -275,3 +275,44 @@ class OutputLock:
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None
+
+
+class Ledger:
+    """Append-only JSON lines, one record per thing done, keyed by everything that defines it (a run's full
+    configuration, an evaluation's inputs): a killed job re-reads it and redoes nothing recorded. Each append is
+    fsync'ed before it counts; a line cut by a kill is skipped (that work is simply done again)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.records: dict[str, dict] = {}
+        self.computed = 0  # records this process added
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.records[rec["key"]] = rec
+
+    @staticmethod
+    def key(identity: Any) -> str:
+        return identity if isinstance(identity, str) else json.dumps(identity, sort_keys=True)
+
+    def get(self, identity: Any) -> dict | None:
+        return self.records.get(self.key(identity))
+
+    def add(self, identity: Any, record: dict) -> dict:
+        rec = {"key": self.key(identity), **record}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.records[rec["key"]] = rec
+        self.computed += 1
+        return rec
+
+    def value(self, identity: Any, compute) -> Any:
+        """The recorded value for `identity`, computing and recording it first when absent."""
+        rec = self.get(identity) or self.add(identity, {"value": compute()})
+        return rec["value"]

@@ -50,14 +50,14 @@ def sigterm_as_ctrl_c() -> None:
 
 
 @contextmanager
-def exit_on(*known: type[Exception]) -> Iterator[None]:
-    """Run the block (SIGTERM in it acts as Ctrl-C); a ChorusError, or a `known` error, prints
-    `error: <message>` to stderr and exits with status 2. `known` is for a stage whose errors do not derive from
-    ChorusError yet; a bare ValueError there would hide real bugs behind one line."""
+def exit_on() -> Iterator[None]:
+    """Run the block (SIGTERM in it acts as Ctrl-C); a ChorusError - every error the project raises for input a
+    user can fix derives from it - prints `error: <message>` to stderr and exits with status 2. Nothing else is
+    caught: a bare ValueError is a bug and keeps its traceback."""
     sigterm_as_ctrl_c()
     try:
         yield
-    except (ChorusError, *known) as e:
+    except ChorusError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt as e:

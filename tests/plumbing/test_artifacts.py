@@ -1,4 +1,4 @@
-"""train/artifacts: atomic and durable writes, directory publication, manifests, and the output-directory lock."""
+"""plumbing/artifacts: atomic and durable writes, directory publication, manifests, and the output-directory lock."""
 from __future__ import annotations
 
 import json
@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from train import artifacts
-from train.artifacts import (ArtifactError, OutputLock, atomic_write_json, atomic_write_text, fresh_tmp_dir,
+from plumbing import artifacts
+from plumbing.artifacts import (ArtifactError, OutputLock, atomic_write_json, atomic_write_text, fresh_tmp_dir,
                              publish_dir, read_json, read_manifest)
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +71,7 @@ def test_json_and_manifest_readers_name_the_file(tmp_path):
 
 HOLDER = """
 import sys, time
-from train.artifacts import OutputLock
+from plumbing.artifacts import OutputLock
 with OutputLock(sys.argv[1], job="holder job"):
     print("held", flush=True)
     time.sleep(600)

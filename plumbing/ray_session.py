@@ -143,7 +143,7 @@ def token_auth_enabled() -> bool:
 
 @contextmanager
 def _sigterm_handler_kept() -> Iterator[None]:
-    """Keep this process's own SIGTERM handler (train.console's: SIGTERM as Ctrl-C) across `ray.init`.
+    """Keep this process's own SIGTERM handler (plumbing.console's: SIGTERM as Ctrl-C) across `ray.init`.
 
     Ray's core installs a failure-signal handler on SIGTERM in the driver that dumps the stack and aborts
     (exit by SIGABRT), skipping every clean-up; the crash handler for the other signals stays Ray's."""
