@@ -6,7 +6,7 @@ import json
 import logging
 from pathlib import Path
 
-from bench.fits import data_efficiency, fit_power_law
+from bench.science.fits import data_efficiency, fit_power_law
 from plumbing.console import ChorusError, exit_on, setup_logging
 
 log = logging.getLogger(__name__)
@@ -18,7 +18,7 @@ class PointsError(ChorusError):
 
 def read_points(path: str | Path, x_key: str, y_key: str, series_key: str | None) -> dict[str, tuple[list, list]]:
     """JSON lines -> {series: (x values, y values)}; records without the series key form one series ''."""
-    from bench.downstream import read_json_lines
+    from bench.evaluation.downstream import read_json_lines
 
     series: dict[str, tuple[list, list]] = {}
     for where, record in read_json_lines(Path(path), PointsError):
@@ -54,14 +54,14 @@ def run_here_or_on(address: str | None, fn, *args, **kwargs):
 
 
 def cmd_loss(args) -> None:
-    from bench.evaluate import validation_loss
+    from bench.evaluation.loss import validation_loss
 
     print(json.dumps(run_here_or_on(args.address, validation_loss, args.model, args.data_dir, args.combine,
                                     args.batch_size, args.context)))
 
 
 def cmd_downstream(args) -> None:
-    from bench.downstream import evaluate_downstream
+    from bench.evaluation.downstream import evaluate_downstream
 
     results = run_here_or_on(args.address, evaluate_downstream, args.model, args.task, args.combine, args.limit,
                              args.batch_size, add_bos=not args.no_bos)
@@ -70,7 +70,7 @@ def cmd_downstream(args) -> None:
 
 
 def cmd_fit(args) -> None:
-    from bench.report import fit_table
+    from bench.science.report import fit_table
 
     series = read_points(args.points, args.x, args.y, args.series)
     fits = {name: fit_power_law(xs, ys, n_boot=args.n_boot) for name, (xs, ys) in series.items()}
@@ -78,7 +78,7 @@ def cmd_fit(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from bench.report import efficiency_table, fit_table, plot_data_efficiency, plot_scaling, write_text
+    from bench.science.report import efficiency_table, fit_table, plot_data_efficiency, plot_scaling, write_text
 
     series = read_points(args.points, args.x, args.y, args.series)
     fits = {name: fit_power_law(xs, ys, n_boot=args.n_boot) for name, (xs, ys) in series.items()}

@@ -11,7 +11,7 @@ the standard single-model CPT with far less domain data (17.5x on math mid-train
                 stated in the report) as K = 1..`k` seeds, ensembled by logit averaging; a student distilled
                 (CPT from the base on real + synthetic domain tokens) from the largest budget's ensemble
     answers     domain loss of each; the standard recipe's data law L(D) = A/D^B + C fitted over the budgets with a
-                member-seed bootstrap and a lack-of-fit test (bench.fits); the K-ensemble's data-efficiency
+                member-seed bootstrap and a lack-of-fit test (bench.science.fits); the K-ensemble's data-efficiency
                 multiplier D_standard(L) / D with its interval, through the law (quoted only inside its fitted range
                 and when the law is not flagged) and interpolated between the measured budgets (no law);
                 forgetting = Wikipedia loss - the base's.
@@ -34,15 +34,15 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.analysis import (
+from bench.science.analysis import (
     EvaluationTable,
     efficiency_of_loss,
     fit_over_x,
     local_efficiency_of_loss,
     loss_with_draws,
 )
-from bench.evaluate import validation_loss
-from bench.report import markdown_table, plot_data_efficiency, write_text
+from bench.evaluation.loss import validation_loss
+from bench.science.report import markdown_table, plot_data_efficiency, write_text
 from plumbing.artifacts import Ledger, OutputLock, atomic_write_json, read_json
 from plumbing.console import ChorusError, exit_on, setup_logging
 

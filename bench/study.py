@@ -5,7 +5,7 @@
 
 Phases, each resumable, each followed by a (partial) report when the profile is long:
     data        corpus -> tokenizer + token shards (train.data.prepare_dataset); a calibration profile generates its
-                corpus (bench.calibration: an order-2 Markov source) and computes its Bayes floor first
+                corpus (bench.science.calibration: an order-2 Markov source) and computes its Bayes floor first
     gate        (profiles with gate_epochs) a few runs that check the regime shows the paper's effects at all: the
                 largest size beats the smallest, the standard recipe overfits in epochs; a failed gate stops the
                 study (its report says why) unless --past-gate
@@ -24,8 +24,8 @@ Phases, each resumable, each followed by a (partial) report when the profile is 
 
 Training goes through train/'s ledgers (train.search.train_ledgered), so a killed study continues where it
 stopped and a finished run is never repeated; every evaluation is cached in OUT/evals.jsonl. What was measured
-is collected in OUT/results.json; the analysis (bench.analysis, over an EvaluationTable built from it) and the
-report (bench.report) are computed from that file alone: `--report-only` rewrites them without training.
+is collected in OUT/results.json; the analysis (bench.science.analysis, over an EvaluationTable built from it) and the
+report (bench.science.report) are computed from that file alone: `--report-only` rewrites them without training.
 """
 from __future__ import annotations
 
@@ -117,7 +117,7 @@ class StudyProfile:
     gate_epochs: tuple[int, ...] = ()
     gate_min_gap: float = 0.05
     gate_overfit: float = 0.02
-    calibration: dict | None = None  # a bench.calibration.MarkovSource: the corpus is generated, its floor known
+    calibration: dict | None = None  # a bench.science.calibration.MarkovSource: the corpus is generated, its floor known
 
 
 def _as_tuple(v):
@@ -188,7 +188,7 @@ def check_profile(p: StudyProfile, where: Path | str) -> None:
     if p.gate_epochs and len(p.presets) < 2:
         bad("gate_epochs", "needs >= 2 presets: the gate compares the smallest and the largest")
     if p.calibration is not None:
-        from bench.calibration import CalibrationError, MarkovSource
+        from bench.science.calibration import CalibrationError, MarkovSource
 
         if p.chunk_tokens:
             bad("chunk_tokens", "cannot go with calibration: the floor is computed over whole validation documents")
@@ -449,7 +449,7 @@ class Study:
         else:
             corpus = list(self.cfg.corpus)
             if not corpus and self.p.calibration is not None:
-                from bench.calibration import MarkovSource, write_corpus
+                from bench.science.calibration import MarkovSource, write_corpus
 
                 corpus = [str(write_corpus(MarkovSource.from_record(self.p.calibration), self.out / "calibration"))]
             elif not corpus:
@@ -472,8 +472,8 @@ class Study:
             self.results["calibration"] = self.calibration_floor(manifest)
 
     def calibration_floor(self, manifest: dict) -> dict:
-        """The Bayes floor of the calibration source on this dataset's validation stream (bench.calibration)."""
-        from bench.calibration import MarkovSource, draw_chain, symbol_tokens, validation_floor
+        """The Bayes floor of the calibration source on this dataset's validation stream (bench.science.calibration)."""
+        from bench.science.calibration import MarkovSource, draw_chain, symbol_tokens, validation_floor
         from train.data import load_tokenizer, load_tokens
 
         source = MarkovSource.from_record(self.p.calibration)
@@ -542,7 +542,7 @@ class Study:
             self.save()
 
     def ensemble_loss(self, model_dirs: list[str]) -> float:
-        from bench.evaluate import validation_loss
+        from bench.evaluation.loss import validation_loss
 
         key = {"kind": "loss", "models": model_ids(model_dirs), "combine": "logits"}
         return self.evals.value(key, lambda: validation_loss(model_dirs, self.data_dir, "logits", progress=False))["loss"]
@@ -735,7 +735,7 @@ class Study:
         return models
 
     def phase_downstream(self) -> None:
-        from bench.downstream import evaluate_downstream
+        from bench.evaluation.downstream import evaluate_downstream
 
         eval_dir = Path(self.cfg.eval_dir) if self.cfg.eval_dir else None
         tasks = [eval_dir / f"{t}.jsonl" for t in self.p.eval_tasks] if eval_dir else []
@@ -788,7 +788,7 @@ def _losses(rows: list[dict]) -> str:
     return " / ".join(f"{r['val_loss']:.4f}" for r in rows)
 
 
-# ---- the analysis: an EvaluationTable from results.json, then bench.analysis ----------------------------
+# ---- the analysis: an EvaluationTable from results.json, then bench.science.analysis ----------------------------
 
 def size_unit(params: float) -> tuple[float, str]:
     """N and D are fitted in billions at GPU sizes and millions at CPU sizes: the fit's p0 assumes x ~ 1."""
@@ -796,7 +796,7 @@ def size_unit(params: float) -> tuple[float, str]:
 
 
 def evaluation_rows(results: dict) -> list[dict]:
-    """What was measured, as bench.analysis's rows (recipe, x, seeds, loss). Recipes: 'standard' and
+    """What was measured, as bench.science.analysis's rows (recipe, x, seeds, loss). Recipes: 'standard' and
     'regularized' (members at each N), 'ensemble' (every K-subset of the ensemble's members at each N),
     'data:standard' / 'data:regularized' (each budget D's best N, its seeds), 'student:ensemble',
     'student:self', 'control' (at the distillation size)."""
@@ -853,7 +853,7 @@ def best_per_budget(results: dict) -> dict[int, dict[str, tuple[str, list[float]
 class Analysis:
     """Every fitted or derived number the report prints, computed from results.json alone."""
 
-    table: object  # bench.analysis.EvaluationTable
+    table: object  # bench.science.analysis.EvaluationTable
     n_unit: str
     d_unit: str
     size_laws: dict  # recipe -> PowerLawFit over N
@@ -861,7 +861,7 @@ class Analysis:
     joint: object  # JointLimitFit or None
     data_law: object  # PowerLawFit of the standard recipe's best loss over D, or None
     efficiencies: dict  # name -> DataEfficiency
-    headline: dict  # the efficiencies a headline may quote (bench.fits.headline_efficiencies)
+    headline: dict  # the efficiencies a headline may quote (bench.science.fits.headline_efficiencies)
     gains: dict  # name -> Gain: each recipe's gain with its member-seed interval, at the largest N
     gains_per_n: dict  # preset -> {name: Gain} (regularization and ensemble gains at every N)
     local_efficiencies: dict = dataclasses.field(default_factory=dict)  # name -> DataEfficiency between budgets
@@ -872,16 +872,16 @@ class Gain:
     """A difference of losses (or a share) with a bootstrap interval over the seeds behind it."""
 
     value: float
-    interval: object  # bench.fits.Interval
+    interval: object  # bench.science.fits.Interval
     note: str = ""
 
 
 def seed_mean_draws(losses: list[float], n_boot: int, rng: np.random.Generator,
                     pool_with: tuple[list[float], ...] = ()) -> np.ndarray:
-    """Bootstrap draws of the mean of seed losses (bench.fits.resample_seeds: unbiased, t-widened), the seed
+    """Bootstrap draws of the mean of seed losses (bench.science.fits.resample_seeds: unbiased, t-widened), the seed
     deviations pooled with those of `pool_with` (models of the same size whose seed noise is taken to be the
     same: 2 students alone have 1 degree of freedom, with 3 members beside them 3)."""
-    from bench.fits import resample_seeds
+    from bench.science.fits import resample_seeds
 
     groups = [np.asarray(g, dtype=float) for g in (losses, *pool_with) if len(g)]
     if sum(len(g) - 1 for g in groups) < 1:
@@ -893,11 +893,11 @@ def story_gains(table, k_max: int, top_x: float, distill_x: float | None, n_boot
                 seed: int = 0) -> dict[str, Gain]:
     """The main story's gains at one size, each with a 95% interval from its seeds:
     regularization (standard - regularized seed means), the ensemble (members' mean - K=k_max ensemble, the
-    member-seed bootstrap of bench.analysis), the student (members' mean - students' mean) and the share of
+    member-seed bootstrap of bench.science.analysis), the student (members' mean - students' mean) and the share of
     the ensemble's gain it keeps, self-distillation (teacher - its student, paired by teacher), and the
     synthetic tokens' worth (control - student)."""
-    from bench.analysis import loss_with_draws
-    from bench.fits import Interval
+    from bench.science.analysis import loss_with_draws
+    from bench.science.fits import Interval
 
     rng = np.random.default_rng(seed)
 
@@ -954,7 +954,7 @@ def story_gains(table, k_max: int, top_x: float, distill_x: float | None, n_boot
 def kept_share(best: float, best_draws: np.ndarray, student: float, student_draws: np.ndarray, ensemble: float,
                ensemble_draws: np.ndarray, who: str) -> Gain:
     """The share of the ensemble's gain over the best single model that a student keeps, with its interval."""
-    from bench.fits import Interval
+    from bench.science.fits import Interval
 
     with np.errstate(divide="ignore", invalid="ignore"):
         draws = (best_draws - student_draws) / (best_draws - ensemble_draws)
@@ -967,7 +967,7 @@ def soft_gains(singles, x: float, mk: float, dk: np.ndarray, k_max: int, n_boot:
     """The soft-label students against the paper's baselines: the best single model of their size (the regularized
     recipe's seeds), the K=k_max ensemble they learned from (mean mk, draws dk), and the real-data-only control at
     the same steps; the share of the ensemble's gain kept; self-distillation with soft labels (teacher - student)."""
-    from bench.fits import Interval
+    from bench.science.fits import Interval
 
     gains = {}
     softs, best = singles("student:soft", x), singles("regularized", x)
@@ -993,7 +993,7 @@ def soft_gains(singles, x: float, mk: float, dk: np.ndarray, k_max: int, n_boot:
 
 
 def analyze(results: dict, n_boot: int = 200) -> Analysis:
-    from bench.analysis import (
+    from bench.science.analysis import (
         EvaluationTable,
         efficiency_of_asymptote,
         efficiency_of_loss,
@@ -1002,7 +1002,7 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
         fit_over_x,
         local_efficiency_of_loss,
     )
-    from bench.fits import headline_efficiencies
+    from bench.science.fits import headline_efficiencies
 
     p, search = results["profile"], results.get("search", {})
     rows = evaluation_rows(results)
@@ -1025,7 +1025,7 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
         data_law = fit_over_x(table, "data:standard", n_boot)
     floor = results.get("calibration", {}).get("floor")
     if floor is not None:  # a limit below the source's Bayes floor is flagged, so no headline is derived from it
-        from bench.calibration import flag_below_floor
+        from bench.science.calibration import flag_below_floor
 
         size_laws = {r: flag_below_floor(f, floor) for r, f in size_laws.items()}
         per_k = {q: flag_below_floor(f, floor) for q, f in per_k.items()}
@@ -1062,8 +1062,8 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
 
 
 def write_report(results: dict, out: str | Path, n_boot: int = 200) -> Path:
-    """Analyse results.json's content and write OUT/REPORT.md and its plots (bench.report renders)."""
-    from bench.report import render_report, write_text
+    """Analyse results.json's content and write OUT/REPORT.md and its plots (bench.science.report renders)."""
+    from bench.science.report import render_report, write_text
 
     out = Path(out)
     return write_text(out / "REPORT.md", render_report(results, analyze(results, n_boot), out, PHASES))

@@ -6,4 +6,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=false
-exec "$PY" -m bench.gpu_check "$@"
+exec "$PY" -m bench.perf.gpu_check "$@"

@@ -18,7 +18,7 @@ Rotary embeddings run once per layer over all K x heads (the members share the r
 Both equal serve.reference.combine_member_logits (the oracle the tests hold this model to).
 
 `SequentialEnsembleForCausalLM` is the engine this replaced (K vLLM Llamas run one after another). It is kept
-only for bench.serve_throughput, which measures the two side by side; serve/vllm_plugin.py registers it, under
+only for bench.perf.serve_throughput, which measures the two side by side; serve/vllm_plugin.py registers it, under
 its own architecture name, only when that benchmark asks for it.
 """
 from __future__ import annotations
@@ -173,7 +173,7 @@ class ChorusEnsembleForCausalLM(nn.Module):
 class SequentialEnsembleForCausalLM(nn.Module):
     """BENCHMARK ONLY: the engine the fused one replaced — member i is vLLM's `LlamaForCausalLM` under `m{i}`,
     the members run one after another and each computes its logits from its own head. Registered (as
-    serve.vllm_plugin.SEQUENTIAL_ARCHITECTURE) only when bench.serve_throughput sets SEQUENTIAL_ENV."""
+    serve.vllm_plugin.SEQUENTIAL_ARCHITECTURE) only when bench.perf.serve_throughput sets SEQUENTIAL_ENV."""
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()

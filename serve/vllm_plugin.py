@@ -5,7 +5,7 @@ import os
 
 from serve.pack import ARCHITECTURE
 
-# Benchmark-only switch: bench.serve_throughput sets it to "1" in its own environment before vLLM loads (the
+# Benchmark-only switch: bench.perf.serve_throughput sets it to "1" in its own environment before vLLM loads (the
 # engine processes it starts inherit it) to measure, beside the fused engine, the members-in-a-row engine the
 # fused one replaced, under its own architecture name. Nothing else sets it: the product has one engine.
 SEQUENTIAL_ENV = "CHORUS_BENCH_SEQUENTIAL_ENSEMBLE"

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("members", help="train K seed members of one configuration (stacked in one process by default)",
                        description="K members that differ only by seed. By default they are trained as one stack: "
                                    "one model whose weights carry a member axis, so every op runs once for all K "
-                                   "instead of K times (figures: BENCHMARKS.md, bench/train_stack_throughput.py). Each member keeps its own initialisation, data order and AdamW state, "
+                                   "instead of K times (figures: BENCHMARKS.md, bench/perf/train_stack_throughput.py). Each member keeps its own initialisation, data order and AdamW state, "
                                    "and lands in an ordinary run directory, the same as a member trained alone. "
                                    "The stack's checkpoint lives in OUT/.stack-<hash>/ until every member is written; "
                                    "re-run the same command after a kill. A K that would not fit in memory is refused "

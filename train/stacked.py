@@ -15,7 +15,7 @@ op for op: RMSNorm, rotary embeddings (HF's own module), SDPA causal attention w
 SwiGLU MLP, untied (or tied) output head. q/k/v and gate/up are stored fused (one bmm each); they are
 split back into HF's names when a member is written. Its forward is bit-identical to HF's.
 The alternative, `torch.func` stack_module_state + functional_call + vmap over the HF model, was timed
-against it (bench/train_stack_throughput.py --compare-vmap): one forward+backward of K=4 cpu-xxs members at
+against it (bench/perf/train_stack_throughput.py --compare-vmap): one forward+backward of K=4 cpu-xxs members at
 batch 32 x 128 took 635 ms hand-written vs 2602 ms vmapped (a shared, loaded 2-core box); the hand-written
 model also needs no HF internals under vmap and stores q/k/v and gate/up fused.
 """

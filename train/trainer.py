@@ -182,7 +182,7 @@ def keep_freed_memory(device: torch.device) -> None:
 
     By default glibc maps each block over 32 MB fresh from the kernel and unmaps it when freed, so a training
     step's large activations (logits, MLP products) are page-faulted in and zeroed again at every step; on the
-    VMs this project runs on that cost a lone run up to 30% of its step (bench/train_stack_throughput). The price:
+    VMs this project runs on that cost a lone run up to 30% of its step (bench/perf/train_stack_throughput). The price:
     a training process keeps its peak memory until it exits. Nothing happens on CUDA or without glibc."""
     if device.type != "cpu" or not sys.platform.startswith("linux"):
         return

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from bench.analysis import (
+from bench.science.analysis import (
     EvaluationTable,
     efficiency_of_asymptote,
     efficiency_of_loss,
@@ -18,8 +18,8 @@ from bench.analysis import (
     local_efficiency_of_loss,
     member_effects,
 )
-from bench.fits import FitError, data_efficiency
-from bench.report import joint_limit_table
+from bench.science.fits import FitError, data_efficiency
+from bench.science.report import joint_limit_table
 
 
 def cell_rows(rng, recipe, x, m, A, B, C, member_sd=0.02, subset_sd=0.002, kmax=None):

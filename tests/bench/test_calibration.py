@@ -1,4 +1,4 @@
-"""The calibration arm (bench.calibration): the source's computed entropy rate is what a long sample gives (and a
+"""The calibration arm (bench.science.calibration): the source's computed entropy rate is what a long sample gives (and a
 wrong floor, the order-1 entropy, is told apart); the validation floor is what the source itself scores; the real
 tokenizer keeps every symbol one token; a fitted limit below the floor is flagged, one above it is not."""
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.calibration import (
+from bench.science.calibration import (
     FLOOR_FLAG,
     CalibrationError,
     MarkovSource,
@@ -19,7 +19,7 @@ from bench.calibration import (
     word,
     write_corpus,
 )
-from bench.fits import fit_power_law
+from bench.science.fits import fit_power_law
 
 SMALL = MarkovSource(symbols=16, documents=300, p_end=0.02, seed=3)
 
@@ -63,7 +63,7 @@ class WordTokenizer:
 
 
 def stream_of(source: MarkovSource, chain, bos=0, eos=1) -> np.ndarray:
-    from bench.calibration import documents
+    from bench.science.calibration import documents
 
     tok = WordTokenizer()
     return np.array([t for doc in documents(source, chain)

@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from bench.fits import (
+from bench.science.fits import (
     LACK_OF_FIT_ALPHA,
     FitError,
     Interval,

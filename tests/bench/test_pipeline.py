@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from bench.downstream import MultipleChoiceItem, _parse_item
-from bench.report import story_section
+from bench.evaluation.downstream import MultipleChoiceItem, _parse_item
+from bench.science.report import story_section
 from bench.study import analyze, heldout_next_word, load_profile
 
 

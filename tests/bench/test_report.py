@@ -5,8 +5,8 @@ import sys
 
 import numpy as np
 
-from bench.fits import data_efficiency, fit_joint_limit, fit_power_law
-from bench.report import (efficiency_table, fit_table, joint_limit_table, markdown_table, plot_data_efficiency,
+from bench.science.fits import data_efficiency, fit_joint_limit, fit_power_law
+from bench.science.report import (efficiency_table, fit_table, joint_limit_table, markdown_table, plot_data_efficiency,
                           plot_scaling)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -74,8 +74,8 @@ def _claims(reg_curve, self_gain):
     (asymptote 0.1 below), the joint limit, and a self-distillation gain."""
     from types import SimpleNamespace
 
-    from bench.fits import Interval, fit_joint_limit
-    from bench.report import claims_section
+    from bench.science.fits import Interval, fit_joint_limit
+    from bench.science.report import claims_section
     from bench.study import Gain
 
     noise = np.tile([0.003, 0.0, -0.003], 6)

@@ -1,4 +1,4 @@
-"""The Python-loop baselines of bench.serve_throughput decode what they claim to.
+"""The Python-loop baselines of bench.perf.serve_throughput decode what they claim to.
 
 The static-batch loop left-pads requests of different lengths into one batch; padding, its attention mask and
 position ids must change no request's tokens. Greedy decoding makes that checkable: each request's tokens
@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import LlamaForCausalLM
 
-from bench.serve_throughput import greedy, make_load, per_request_loop, static_batch_loop
+from bench.perf.serve_throughput import greedy, make_load, per_request_loop, static_batch_loop
 from train.data import load_tokenizer
 
 

@@ -227,8 +227,8 @@ def test_gain_intervals_cover_the_truth_at_their_stated_rate():
     """100 synthetic main jobs (3 seeds each, true regularization gain 0.2, seed sd 0.02): the 95% interval of
     the gain covers 0.2 at least 88 times; a naive interval (bootstrap of 3 seeds, no rescaling or pooling)
     is the negative control and covers markedly less."""
-    from bench.analysis import EvaluationTable
-    from bench.fits import Interval
+    from bench.science.analysis import EvaluationTable
+    from bench.science.fits import Interval
 
     covered = naive = 0
     for i in range(100):
@@ -272,7 +272,7 @@ def test_eval_cache_keys_change_when_a_model_is_retrained_in_place(tmp_path):
 
 
 def test_self_distillation_gain_pairs_each_student_with_its_own_teacher():
-    from bench.analysis import EvaluationTable
+    from bench.science.analysis import EvaluationTable
 
     teachers, students = [5.30, 5.36, 5.24], [5.25, 5.31, 5.20]  # each student ~0.05 below its own teacher
     rows = [{"recipe": "regularized", "x": 1.0, "seeds": [s], "loss": v} for s, v in enumerate(teachers)]
@@ -287,7 +287,7 @@ def test_self_distillation_gain_pairs_each_student_with_its_own_teacher():
 
 
 def test_the_limits_section_lists_every_caveat_and_only_those(tmp_path):
-    from bench.report import limits_section
+    from bench.science.report import limits_section
 
     results = known_results(np.random.default_rng(2))
     a = analyze(results, n_boot=50)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.evaluate import EvalError, LogProbModel, context_length, load_model
+from bench.evaluation.loss import EvalError, LogProbModel, context_length, load_model
 from train.data import load_tokenizer
 
 log = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ resampled mean has the unbiased variance s^2 / r (Davison & Hinkley 1997, sec. 2
 2-3 seeds per point a per-x resample covers the truth ~88% of the time at 95% nominal (too few
 degrees of freedom per x); the pooled one ~92%, and ~95% once its spread is widened by t_df / z
 (`small_sample_widening`; `tests/bench/test_fits.py` measures the coverage). A caller with a better
-model of what varies (bench.analysis rebuilds ensemble losses from resampled member seeds) passes the
+model of what varies (bench.science.analysis rebuilds ensemble losses from resampled member seeds) passes the
 resampled curves as `boot_y`. With one value per x the points are resampled instead and flagged.
 
 Intervals are `Interval`s: a degenerate one (every resample gives the same value, e.g. noiseless
@@ -530,7 +530,7 @@ def joint_limit_from_fits(per_n: Mapping[float, PowerLawFit]) -> JointLimitFit:
 def fit_joint_limit(points: Iterable[tuple[float, float, float]], n_boot: int = 200, seed: int = 0) -> JointLimitFit:
     """Points (N, K, loss): for each N fit the loss over K and take C_N, then fit C_N over N.
 
-    Repeated (N, K) losses (the K-subsets) are bootstrapped as replicates; bench.analysis builds the same fit
+    Repeated (N, K) losses (the K-subsets) are bootstrapped as replicates; bench.science.analysis builds the same fit
     from a member-seed bootstrap instead, which is the unit that varies.
     """
     by_n: dict[float, tuple[list[float], list[float]]] = {}

@@ -1,7 +1,7 @@
 """Serving throughput of the fused ensemble engine against one member alone, the sequential engine it replaced,
 and Python logit-averaging loops.
 
-    .venv/bin/python -m bench.serve_throughput --members M0 M1 M2 [--requests 256] [--ks 1 2 4 8] [--out FILE]
+    .venv/bin/python -m bench.perf.serve_throughput --members M0 M1 M2 [--requests 256] [--ks 1 2 4 8] [--out FILE]
 
 The load: `--requests` concurrent requests offered at once, drawn with a fixed seed. Each prompt is BOS
 followed by token ids sampled from the tokenizer's ordinary (non-special) vocabulary, its length uniform in
@@ -297,7 +297,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.serve_throughput", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.perf.serve_throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--members", nargs="+", required=True, help="member model directories (K=4 reuses them in order)")
     parser.add_argument("--requests", type=int, default=256, help="concurrent requests in the load (default 256)")

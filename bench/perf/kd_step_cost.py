@@ -1,6 +1,6 @@
 """What a soft-label training step costs against a plain one, side by side in one run.
 
-    .venv/bin/python -m bench.kd_step_cost --preset cpu-xs --vocab 2048 --context 256 --batch-size 16 --topk 32
+    .venv/bin/python -m bench.perf.kd_step_cost --preset cpu-xs --vocab 2048 --context 256 --batch-size 16 --topk 32
 
 Both contenders train the same model shape on the same random batch with AdamW: "plain" with train/'s next-token
 cross-entropy, "kd" with distill/kd.py's blended loss (CE + KL from a top-k teacher with its tail bucket) on every
@@ -66,7 +66,7 @@ def run(preset: str, vocab: int, context: int, batch_size: int, topk: int, steps
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.kd_step_cost", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.perf.kd_step_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-xs", help="model shape (train/model.py presets; default cpu-xs)")
     p.add_argument("--vocab", type=int, default=2048, help="vocabulary (default 2048, the main job's)")

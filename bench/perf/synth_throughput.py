@@ -1,6 +1,6 @@
 """Synthetic-data job throughput against the raw engine, on one teacher, in one run.
 
-    .venv/bin/python -m bench.synth_throughput --teacher DIR --tokens 40000 --work /tmp/synth-bench
+    .venv/bin/python -m bench.perf.synth_throughput --teacher DIR --tokens 40000 --work /tmp/synth-bench
 
 1. raw: one offline `LLM.generate` call (same engine settings, same sampling, no logprobs, no Ray) over
    enough BOS-only prompts for the budget, in a fresh process with the first replica's cores, WITHOUT
@@ -121,7 +121,7 @@ def run(teacher: str, tokens: int, work: Path, replicas: list[int], shard_tokens
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.synth_throughput", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.perf.synth_throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--teacher", required=True, help="teacher model directory (packed ensemble or member)")
     p.add_argument("--tokens", type=int, default=40_000, help="token budget of each measurement (default 40000)")

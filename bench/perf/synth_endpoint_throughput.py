@@ -1,6 +1,6 @@
 """Synthetic generation through a live endpoint vs the offline job, in one run: throughput and identity.
 
-    python -m bench.synth_endpoint_throughput --teacher runs/ensemble --tokens 200000 --replicas 1 --out runs/bench-ep
+    python -m bench.perf.synth_endpoint_throughput --teacher runs/ensemble --tokens 200000 --replicas 1 --out runs/bench-ep
 
 1. the offline job (`synthdata generate`: the job's own vLLM engines as Ray actors) into OUT/offline;
 2. the endpoint (`serve up`: Ray Serve + vLLM's OpenAI server, the same number of replicas) started here on
@@ -75,7 +75,7 @@ def measure(teacher: str, tokens: int, shard_tokens: int, replicas: int, out: Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.synth_endpoint_throughput", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m bench.perf.synth_endpoint_throughput", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="packed ensemble (or member) directory")
     parser.add_argument("--tokens", type=int, default=100_000, help="budget of each job (default 100000)")

@@ -4,7 +4,7 @@ Both are measured in the same run, side by side: first the GEMM peak (best of se
 matmuls at the thread count training uses), then a short training run of the preset through
 train.trainer (the code members are trained with), whose windows log tokens/s and MFU.
 
-    python -m bench.train_throughput --preset cpu-xl --steps 30
+    python -m bench.perf.train_throughput --preset cpu-xl --steps 30
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ def datasheet_peak(device: torch.device) -> tuple[str, float | None]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.perf.train_throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cpu-xl", help="model preset (default cpu-xl, the largest CPU preset)")
     p.add_argument("--steps", type=int, default=30, help="training steps to time (default 30)")

@@ -221,7 +221,7 @@ def flag_below_floor(fit, floor: float):
     limit is an artifact of extrapolating the law (a PowerLawFit or a JointLimitFit; others as they are)."""
     import dataclasses
 
-    from bench.fits import JointLimitFit
+    from bench.science.fits import JointLimitFit
 
     if fit is None or not fit.identified or not fit.C < floor:
         return fit

@@ -7,11 +7,11 @@ For each preset, K members of one configuration are trained three ways, each for
 Throughput is steady state, from the runs' own metrics windows (the first window, with one-time start-up costs,
 is dropped): stacked = the stack's tokens/s; sequential = a lone run's tokens/s (one run at a time); ray =
 runs at once x a lone run's tokens/s (the runs of one wave overlap). MFU of the stacked run is measured against
-this machine's fp32 GEMM peak (bench/train_throughput.measure_gemm_peak) in the same run, per window: median
+this machine's fp32 GEMM peak (bench/perf/train_throughput.measure_gemm_peak) in the same run, per window: median
 and spread. `--compare-vmap` also times one forward+backward of the hand-written stack against
 torch.func (stack_module_state + functional_call + vmap over HF LlamaForCausalLM).
 
-    python -m bench.train_stack_throughput --data-dir data/default
+    python -m bench.perf.train_stack_throughput --data-dir data/default
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from bench.train_throughput import measure_gemm_peak
+from bench.perf.train_throughput import measure_gemm_peak
 from train.corpus import default_corpus
 from train.data import DatasetSpec, prepare_dataset, read_manifest
 from train.members import run_trainings
@@ -90,7 +90,7 @@ def compare_vmap(preset: str, k: int, batch: int, context: int, vocab: int, repe
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.train_stack_throughput", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.perf.train_stack_throughput", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=list(PRESETS), help=f"presets (default {' '.join(PRESETS)})")
     p.add_argument("--k", type=int, default=4, help="members (default 4)")

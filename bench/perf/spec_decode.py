@@ -1,6 +1,6 @@
 """Speculative ensemble decoding against plain decoding, side by side in one run.
 
-    .venv/bin/python -m bench.spec_decode --target ENSEMBLE --drafts STUDENT MEMBER --data-dir DATA
+    .venv/bin/python -m bench.perf.spec_decode --target ENSEMBLE --drafts STUDENT MEMBER --data-dir DATA
 
 Each contender is one vLLM engine on the target (the endpoint's engine settings: fp32 on the CPU, eager, explicit KV
 cache): "plain", and one per draft (serve/draft.py: the draft proposes `--num-speculative-tokens`, the ensemble
@@ -127,7 +127,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.spec_decode", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.perf.spec_decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", required=True, help="the packed ensemble (or any model) that verifies")
     p.add_argument("--drafts", nargs="+", required=True, help="draft model directories, one contender each")

@@ -22,11 +22,11 @@ supersets of the drawn seeds pins the largest K to the one full ensemble in ever
 that end of the curve decides, would get no uncertainty from the members at all. Under the model the
 rebuilt curve moves with the resampled members' mean effect at every K, as a fresh set of members
 would move it. Its spread is scaled by sqrt(m / (m - 1)) and widened by t / z at m - 1 degrees of
-freedom (bench.fits.small_sample_widening): with m = 5 members that is the difference between 88%
+freedom (bench.science.fits.small_sample_widening): with m = 5 members that is the difference between 88%
 and 95% coverage.
 
 Laws over x at one K (the size law over N, the standard recipe's data law over D) take the members'
-losses at each x as seeds of one point and use bench.fits' seed bootstrap. Draw b of every cell comes
+losses at each x as seeds of one point and use bench.science.fits' seed bootstrap. Draw b of every cell comes
 from its own random stream, so cells are independent and draw b of two derived numbers that share a
 cell (a multiplier and the loss behind it) share that cell's draw.
 
@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.fits import (
+from bench.science.fits import (
     DataEfficiency,
     FitError,
     Interval,
@@ -268,7 +268,7 @@ def efficiency_of_asymptote(data_law: PowerLawFit, limit: PowerLawFit | JointLim
 def local_efficiency_of_loss(table: EvaluationTable, baseline: str, recipe: str, x: float, k: int, tokens: float,
                              n_boot: int = 200, seed: int = 0) -> DataEfficiency:
     """D_eq / D for a measured loss with D_eq interpolated between the baseline recipe's measured budgets (its
-    seed means; bench.fits.local_data_efficiency): no law. The baseline's draws resample its seeds at each
+    seed means; bench.science.fits.local_data_efficiency): no law. The baseline's draws resample its seeds at each
     budget, the loss's are its cell's member-seed draws."""
     points = singles_over_x(table, baseline)
     groups = [np.asarray(v, dtype=float) for v in points.values()]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from bench.train_throughput import datasheet_peak, measure_matmul_peak
+from bench.perf.train_throughput import datasheet_peak, measure_matmul_peak
 from plumbing.artifacts import atomic_write_json
 from train.data import DatasetSpec, prepare_dataset, read_manifest
 from train.model import flops_per_token, get_shape, llama_config
@@ -124,7 +124,7 @@ def measure_throughput(cfg: TrainConfig, root: Path, peak: float, sheet: float |
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu_check", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.perf.gpu_check", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="toy sizes, runs on the CPU (what the tests run)")
     p.add_argument("--preset", default="150m", help="throughput preset (default 150m; --dry-run: cpu-xxs)")
