@@ -40,7 +40,7 @@ from __future__ import annotations
 import itertools
 import math
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,7 +54,6 @@ from bench.science.fits import (
     data_efficiency,
     fit_power_law,
     joint_limit_from_fits,
-    local_data_efficiency,
     resample_seeds,
     small_sample_widening,
 )
@@ -265,10 +264,56 @@ def efficiency_of_asymptote(data_law: PowerLawFit, limit: PowerLawFit | JointLim
                            source_flags=[f"asymptote: {f}" for f in limit.flags])
 
 
+# ---- the multiplier without a law: equal loss between measured budgets -------------------------------
+
+def equal_loss_tokens(budgets: Sequence[float], losses: Sequence[float], loss: float) -> float:
+    """The smallest budget at which the measured baseline (mean loss at each budget, budgets ascending) reaches
+    `loss`, with log D read linearly in loss between the two bracketing budgets: no law, only the measurements.
+    0 when the smallest budget already does better, inf when no measured budget reaches it."""
+    log_d = np.log(np.asarray(budgets, dtype=float))
+    L = np.asarray(losses, dtype=float)
+    if loss >= L[0]:
+        return 0.0 if loss > L[0] else float(budgets[0])
+    for i in range(len(L) - 1):  # the first crossing: a non-monotone baseline reached the loss there first
+        if L[i] > loss >= L[i + 1]:
+            return float(np.exp(log_d[i] + (L[i] - loss) / (L[i] - L[i + 1]) * (log_d[i + 1] - log_d[i])))
+    return math.inf
+
+
+def local_data_efficiency(budgets: Sequence[float], baseline_losses: Sequence[float], baseline_draws: np.ndarray,
+                          loss: float, tokens: float, loss_draws: Sequence[float]) -> DataEfficiency:
+    """D_eq / D with D_eq the equal-loss budget interpolated between the baseline's measured budgets
+    (`equal_loss_tokens`): the multiplier without a law, so a law that fails its lack-of-fit test does not
+    touch it. Outside the measured losses it is not quoted (no multiplier, `extrapolated`). The interval pairs
+    draw b of the baseline's means [n_boot, budgets] with draw b of the loss; a draw outside the measured
+    range counts as 0 or inf, so an interval that reaches past the measurements shows it."""
+    if len(loss_draws) != len(baseline_draws):
+        raise FitError(f"{len(loss_draws)} draws of the loss for {len(baseline_draws)} of the baseline: pair them")
+    d_eq = equal_loss_tokens(budgets, baseline_losses, loss)
+    flags = []
+    if np.any(np.diff(baseline_losses) >= 0):
+        flags.append("the baseline's loss does not fall at every budget: D_eq is its first crossing")
+    outside = d_eq == 0 or math.isinf(d_eq)
+    if outside:
+        where = (f"above the baseline's loss {baseline_losses[0]:.4g} at its smallest budget" if d_eq == 0 else
+                 f"below every measured baseline loss (lowest {min(baseline_losses):.4g})")
+        flags.append(f"outside the measured budgets: loss {loss:.4g} is {where}; not quoted")
+        return DataEfficiency(tokens, loss, math.nan, math.nan, Interval(math.nan, math.nan), tuple(flags),
+                              extrapolated=True, method="local")
+    d_boot = np.array([equal_loss_tokens(budgets, curve, draw) if np.all(np.isfinite(curve)) else math.nan
+                       for curve, draw in zip(np.asarray(baseline_draws), np.asarray(loss_draws, dtype=float))])
+    beyond = int(np.sum((d_boot == 0) | np.isinf(d_boot)))
+    if beyond:
+        flags.append(f"{beyond} of {len(d_boot)} draws fall outside the measured budgets (counted as 0 or inf): "
+                     "the interval reaches past the measurements")
+    return DataEfficiency(tokens, loss, d_eq, d_eq / tokens, Interval.from_draws(d_boot / tokens), tuple(flags),
+                          Interval.from_draws(d_boot), method="local")
+
+
 def local_efficiency_of_loss(table: EvaluationTable, baseline: str, recipe: str, x: float, k: int, tokens: float,
                              n_boot: int = 200, seed: int = 0) -> DataEfficiency:
     """D_eq / D for a measured loss with D_eq interpolated between the baseline recipe's measured budgets (its
-    seed means; bench.science.fits.local_data_efficiency): no law. The baseline's draws resample its seeds at each
+    seed means; `local_data_efficiency`): no law. The baseline's draws resample its seeds at each
     budget, the loss's are its cell's member-seed draws."""
     points = singles_over_x(table, baseline)
     groups = [np.asarray(v, dtype=float) for v in points.values()]

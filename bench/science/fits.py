@@ -1,12 +1,8 @@
 """Scaling-law fits: L(x) = A / x^B + C, their asymptotes with bootstrap intervals, and data efficiency.
 
-The objective is the paper's (../shared/docs/paper-recipe.md): unweighted least squares on the raw loss,
-every parameter >= 0; x is model size, ensemble size K or token budget D. The paper minimises it with
-scipy's curve_fit from p0 = [1, 0.5, 2]; here it is minimised by variable projection, which is global
-and vectorised: for a fixed exponent B the law is linear in (A, C), solved in closed form with the
-bounds, so the fit scans B on a log grid and refines the best cell by golden section. One call fits
-hundreds of bootstrap resamples at once (`fit_power_law_batch`), and a fixed B (the sensitivity band)
-is the same solve without the scan.
+The least-squares fit itself (the paper's objective, minimised by variable projection, vectorised over
+resamples) and the lack-of-fit test of its residuals are in bench.science.least_squares; this module turns
+them into laws that say how far they can be trusted.
 
 Identification: a law with 3 parameters fitted on 3 points interpolates them (no residual, nothing
 tests the law), so an asymptote is quoted only when the fit has more distinct x than parameters. A fit
@@ -26,15 +22,11 @@ resampled curves as `boot_y`. With one value per x the points are resampled inst
 Intervals are `Interval`s: a degenerate one (every resample gives the same value, e.g. noiseless
 input) says so in words; a printed interval never reads [x, x].
 
-Lack of fit: a bootstrap interval measures how far C moves when the seeds are redrawn, assuming the law
-holds; it cannot see a law that does not (a curve that misses its own points by more than seed noise gives
-tight, wrong intervals). So every identified fit tests its residuals against the replicate noise
-(`lack_of_fit`): with seeds at each x, the classical F test of lack of fit against pure error (Draper &
-Smith, Applied Regression Analysis, 3rd ed., sec. 2.1), F = [sum_i r_i (mean_i - L(x_i))^2 / (n_x - 3)] /
-[sum_ij (y_ij - mean_i)^2 / sum_i (r_i - 1)], p from scipy.stats.f; with resampled curves given by the caller
-(member seeds: no independent seeds at each K), a parametric-bootstrap version of it: the fit's residual sum
-of squares against the same law refitted to its own curve plus each draw's noise. p < LACK_OF_FIT_ALPHA
-flags the law, and a flagged law feeds no headline (`DataEfficiency.headline`).
+Lack of fit: a bootstrap interval assumes the law holds; every identified fit also tests its residuals
+against the replicate noise (bench.science.least_squares: an F test against pure error with seeds at each x,
+a parametric-bootstrap version with resampled curves from the caller). p < LACK_OF_FIT_ALPHA flags the law,
+and a flagged law feeds no headline (`DataEfficiency.headline`).
+
 
 A fit never fails silently: anything that makes its asymptote untrustworthy (too few points, C at a
 bound or above the data, a degenerate exponent, lack of fit) is written into `flags`, and every report prints
@@ -47,16 +39,21 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from scipy.stats import f as f_distribution
 from scipy.stats import norm
 from scipy.stats import t as student_t
 
+from bench.science.least_squares import (
+    N_PARAMS,
+    NOT_TESTED,
+    LackOfFit,
+    fit_power_law_batch,
+    lack_of_fit_bootstrap,
+    lack_of_fit_f_test,
+    power_law,
+    tokens_for_loss,
+)
 from plumbing.console import ChorusError
 
-N_PARAMS = 3
-# The exponent is searched on this log grid, then refined inside the best cell. Beyond 20 the curve is a step.
-B_GRID = np.geomspace(1e-3, 20.0, 161)
-GOLDEN_STEPS = 48  # each shrinks the bracket by 0.618: 48 steps take one grid cell to ~1e-10 of it
 # Exponents outside this range make C meaningless: a flat curve trades C against A, a cliff makes C
 # just the level of the last point.
 SANE_B = (0.01, 5.0)
@@ -75,9 +72,6 @@ LACK_OF_FIT_ALPHA = 0.05
 class FitError(ChorusError):
     """Input that no power law can be fitted to (NaN, non-positive x, mismatched lengths)."""
 
-
-def power_law(x, A: float, B: float, C: float):
-    return A / np.power(x, B) + C
 
 
 # ---- intervals ------------------------------------------------------------------------------------
@@ -144,145 +138,6 @@ def _spread_text(value: float, std: float, interval: Interval, digits: int = 3) 
     return f"{value:.{digits}f} ± {std:.{digits}f}" if std >= 0.5 * 10**-digits else f"{value:.{digits}f} ± {std:.2g}"
 
 
-# ---- the vectorised least-squares fit -------------------------------------------------------------
-
-def _solve_linear(u: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """For y ~ A u + C with A, C >= 0 (u = x^-B fixed): A, C and the residual sum of squares, per row.
-
-    Least squares on a convex problem: the unconstrained optimum when it is feasible, else the best point
-    on the active bound (A = 0: a flat line at the mean; C = 0: a line through the origin).
-    """
-    ub, yb = u.mean(-1), y.mean(-1)
-    du, dy = u - ub[..., None], y - yb[..., None]
-    suu, suy, syy = (du * du).sum(-1), (du * dy).sum(-1), (dy * dy).sum(-1)
-    has_spread = suu > 0
-    A = np.where(has_spread, suy / np.where(has_spread, suu, 1.0), 0.0)
-    sse = np.where(has_spread, syy - suy * A, syy)
-    C = yb - A * ub
-    flat = A < 0
-    A, C, sse = np.where(flat, 0.0, A), np.where(flat, yb, C), np.where(flat, syy, sse)
-    low = C < 0
-    if np.any(low):
-        a0 = np.maximum((u * y).sum(-1) / (u * u).sum(-1), 0.0)
-        sse0 = ((y - a0[..., None] * u) ** 2).sum(-1)
-        A, C, sse = np.where(low, a0, A), np.where(low, 0.0, C), np.where(low, sse0, sse)
-    return A, C, np.maximum(sse, 0.0)
-
-
-def fit_power_law_batch(x, Y, B: float | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Least-squares L = A / x^B + C (A, B, C >= 0) for every row of Y at once: arrays A, B, C, SSE.
-
-    x: [n] distinct or repeated positive values; Y: [S, n] (rows with a NaN give NaN parameters). With B
-    given (a scalar or one per row) only A and C are fitted. x is divided by its geometric mean inside,
-    so x in billions or in tokens fits alike.
-    """
-    x = np.asarray(x, dtype=float)
-    Y = np.atleast_2d(np.asarray(Y, dtype=float))
-    good = np.all(np.isfinite(Y), axis=1)
-    Yg = np.where(good[:, None], Y, 0.0)
-    x0 = float(np.exp(np.log(x).mean()))
-    t = np.log(x / x0)
-    if B is not None:
-        b = np.broadcast_to(np.asarray(B, dtype=float), (len(Y),))
-        A, C, sse = _solve_linear(np.exp(-b[:, None] * t), Yg)
-    else:
-        log_grid = np.log(B_GRID)
-        u = np.exp(-B_GRID[:, None] * t)  # [G, n]
-        _, _, sse_grid = _solve_linear(u[None, :, :], Yg[:, None, :])  # [S, G]
-        best = sse_grid.argmin(axis=1)
-        lo = log_grid[np.maximum(best - 1, 0)]
-        hi = log_grid[np.minimum(best + 1, len(B_GRID) - 1)]
-
-        def sse_at(logb):
-            return _solve_linear(np.exp(-np.exp(logb)[:, None] * t), Yg)[2]
-
-        g = (math.sqrt(5) - 1) / 2
-        c, d = hi - g * (hi - lo), lo + g * (hi - lo)
-        fc, fd = sse_at(c), sse_at(d)
-        for _ in range(GOLDEN_STEPS):
-            left = fc <= fd  # the minimum lies in [lo, d], else in [c, hi]
-            hi, lo = np.where(left, d, hi), np.where(left, lo, c)
-            c, d = hi - g * (hi - lo), lo + g * (hi - lo)
-            fc, fd = sse_at(c), sse_at(d)
-        b = np.exp((lo + hi) / 2)
-        A, C, sse = _solve_linear(np.exp(-b[:, None] * t), Yg)
-        # the grid's best point guards against a bracket that closed on a worse value
-        grid_better = sse_grid[np.arange(len(Y)), best] < sse
-        if np.any(grid_better):
-            gb = B_GRID[best]
-            Ag, Cg, sg = _solve_linear(np.exp(-gb[:, None] * t), Yg)
-            A, C, sse, b = (np.where(grid_better, Ag, A), np.where(grid_better, Cg, C),
-                            np.where(grid_better, sg, sse), np.where(grid_better, gb, b))
-    A = A * x0**b  # back to the caller's unit of x
-    nan = np.full(len(Y), np.nan)
-    return (np.where(good, A, nan), np.where(good, b, nan), np.where(good, C, nan), np.where(good, sse, nan))
-
-
-# ---- lack of fit: the law's residuals against the replicate noise -------------------------------------
-
-@dataclass(frozen=True)
-class LackOfFit:
-    """The test of a law against its replicates: statistic, p-value and how it was computed."""
-
-    statistic: float  # F (seeds at each x) or the residual sum of squares (resampled curves)
-    p: float  # nan: not testable
-    method: str
-    statistic_name: str = "F"
-
-    @property
-    def rejected(self) -> bool:
-        return self.p < LACK_OF_FIT_ALPHA  # False for nan
-
-    def text(self) -> str:
-        if math.isnan(self.p):
-            return self.method
-        return f"{self.method}: {self.statistic_name} = {self.statistic:.3g}, p = {self.p:.2g}"
-
-
-NOT_TESTED = LackOfFit(math.nan, math.nan, "not tested")
-
-
-def _exact(sse: float, y: np.ndarray) -> bool:
-    """A residual sum of squares that is float noise: the law passes through the points."""
-    return sse <= 1e-16 * float(np.sum(y**2))
-
-
-def lack_of_fit_f_test(groups: Sequence[np.ndarray], fitted: np.ndarray) -> LackOfFit:
-    """Lack of fit against pure error: the per-x means' residuals (weighted by their seeds r_i, n_x - 3 df)
-    against the seeds' scatter within each x (sum(r_i - 1) df), an F test (scipy.stats.f)."""
-    reps = np.array([len(g) for g in groups])
-    means = np.array([np.mean(g) for g in groups])
-    df_lof, df_pure = len(groups) - N_PARAMS, int((reps - 1).sum())
-    if df_lof < 1 or df_pure < 1:
-        return LackOfFit(math.nan, math.nan, f"not testable ({df_lof} df of lack of fit, {df_pure} of pure error)")
-    ss_lof = float((reps * (means - fitted) ** 2).sum())
-    ss_pure = float(sum(((np.asarray(g) - np.mean(g)) ** 2).sum() for g in groups))
-    method = f"F test of lack of fit vs seed noise on ({df_lof}, {df_pure}) df"
-    if _exact(ss_lof, means):
-        return LackOfFit(0.0, 1.0, method)
-    if _exact(ss_pure, means):  # seeds agree exactly, the law does not pass through them
-        return LackOfFit(math.inf, 0.0, method)
-    F = (ss_lof / df_lof) / (ss_pure / df_pure)
-    return LackOfFit(F, float(f_distribution.sf(F, df_lof, df_pure)), method)
-
-
-def lack_of_fit_bootstrap(x: np.ndarray, means: np.ndarray, fitted: np.ndarray, boot_y: np.ndarray) -> LackOfFit:
-    """Lack of fit where the noise is given as resampled curves (member seeds), not as seeds at each x: the
-    law's residual sum of squares against its distribution when the law holds exactly, the sums of squares of
-    the law refitted to its own curve plus each draw's noise (boot_y - means, which keeps the noise's
-    correlation across x). p = (1 + #{null >= observed}) / (1 + draws): at 200 draws the smallest is 0.005."""
-    noise = boot_y - means
-    noise = noise[np.all(np.isfinite(noise), axis=1)]
-    if len(noise) < 20:
-        return LackOfFit(math.nan, math.nan, f"not testable ({len(noise)} usable resampled curves)")
-    observed = float(((means - fitted) ** 2).sum())
-    method = f"bootstrap test of lack of fit vs resampled-seed noise ({len(noise)} draws)"
-    if _exact(observed, means):
-        return LackOfFit(observed, 1.0, method, "residual SS")
-    null = fit_power_law_batch(x, fitted + noise)[3]
-    return LackOfFit(observed, float((1 + np.sum(null >= observed)) / (1 + len(null))), method, "residual SS")
-
-
 # ---- one law --------------------------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -295,7 +150,6 @@ class PowerLawFit:
     x: tuple[float, ...]  # distinct x, ascending
     y: tuple[float, ...]  # mean loss at each x
     replicates: tuple[int, ...]  # seeds averaged at each x
-    converged: bool  # a law was fitted (False when not identified)
     flags: tuple[str, ...]
     bootstrap: str  # what was resampled: "seeds", "member seeds", "points" or "none"
     boot_params: np.ndarray = field(default_factory=lambda: np.empty((0, 3)))  # [n_boot, 3] (A, B, C); NaN rows failed
@@ -429,34 +283,31 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], n_boot: int = 200, see
         flag = (f"too few points: {N_PARAMS} parameters (A, B, C) need >= {N_PARAMS + 1} distinct x (more points than "
                 f"parameters), got {len(xs)}; ordering only")
         return PowerLawFit(nan, nan, nan, nan, Interval(nan, nan), tuple(xs.tolist()), tuple(means.tolist()), reps,
-                           converged=False, flags=(flag,), bootstrap="none", identified=False)
+                           flags=(flag,), bootstrap="none", identified=False)
     flags: list[str] = []
     if np.ptp(means) == 0:
         flags.append("y is constant: there is no trend to fit")
     A, B, C, _ = (float(v[0]) for v in fit_power_law_batch(xs, means[None, :]))
     flags += _sanity_flags(A, B, C, xs, means)
 
+    fitted = power_law(xs, A, B, C)
     if boot_y is not None:
         boot_y = np.asarray(boot_y, dtype=float)
         if boot_y.ndim != 2 or boot_y.shape[1] != len(xs):
             raise FitError(f"boot_y must be [n_boot, {len(xs)} distinct x], got shape {boot_y.shape}")
-        bootstrap, bx, by = boot_label, xs, boot_y
+        bootstrap, by = boot_label, boot_y
+        lack_of_fit = lack_of_fit_bootstrap(xs, means, fitted, boot_y, LACK_OF_FIT_ALPHA)
     elif any(r > 1 for r in reps):  # the spread that a rerun with new seeds would give
-        bootstrap, bx, by = "seeds", xs, resample_seeds(groups, n_boot, np.random.default_rng(seed))
+        bootstrap, by = "seeds", resample_seeds(groups, n_boot, np.random.default_rng(seed))
+        lack_of_fit = lack_of_fit_f_test(groups, fitted, LACK_OF_FIT_ALPHA)
     else:
-        bootstrap, bx, by = "points", xs, None
-    fitted = power_law(xs, A, B, C)
-    if boot_y is not None:
-        lack_of_fit = lack_of_fit_bootstrap(xs, means, fitted, boot_y)
-    elif any(r > 1 for r in reps):
-        lack_of_fit = lack_of_fit_f_test(groups, fitted)
-    else:
+        bootstrap, by = "points", None
         lack_of_fit = LackOfFit(math.nan, math.nan, "not testable: one value per x, no replicates")
     if lack_of_fit.rejected:
         flags.append(f"lack of fit: the law misses its points by more than seed noise "
                      f"({lack_of_fit.text()} < {LACK_OF_FIT_ALPHA})")
     if by is not None:
-        bA, bB, bC, _ = fit_power_law_batch(bx, by)
+        bA, bB, bC, _ = fit_power_law_batch(xs, by)
         boot = np.stack([bA, bB, bC], axis=1) if len(by) else np.empty((0, 3))
     else:  # resample points; a draw with no more distinct x than parameters is not identified
         rng = np.random.default_rng(seed)
@@ -474,7 +325,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], n_boot: int = 200, see
     ok_c = boot[:, 2][np.isfinite(boot[:, 2])]
     c_std = float(ok_c.std(ddof=1)) if len(ok_c) >= 2 else nan
     return PowerLawFit(A, B, C, c_std, Interval.from_draws(boot[:, 2]), tuple(xs.tolist()), tuple(means.tolist()),
-                       reps, converged=True, flags=tuple(flags), bootstrap=bootstrap, boot_params=boot,
+                       reps, flags=tuple(flags), bootstrap=bootstrap, boot_params=boot,
                        identified=True, C_band_B=_b_band(xs, means, B), lack_of_fit=lack_of_fit)
 
 
@@ -535,28 +386,15 @@ def fit_joint_limit(points: Iterable[tuple[float, float, float]], n_boot: int = 
     """
     by_n: dict[float, tuple[list[float], list[float]]] = {}
     for n, k, loss in points:
-        by_n.setdefault(float(n), ([], []))
-        by_n[float(n)][0].append(k)
-        by_n[float(n)][1].append(loss)
+        ks, losses = by_n.setdefault(float(n), ([], []))
+        ks.append(k)
+        losses.append(loss)
     if not by_n:
         raise FitError("no points to fit")
     return joint_limit_from_fits({n: fit_power_law(ks, ls, n_boot=n_boot, seed=seed) for n, (ks, ls) in by_n.items()})
 
 
 # ---- data efficiency ----------------------------------------------------------------------------
-
-def tokens_for_loss(data_law: PowerLawFit | tuple[float, float, float], loss):
-    """Invert L(D) = A / D^B + C: the budget at which that law reaches `loss` (inf at or below C).
-
-    Works elementwise on arrays of parameters and losses (the bootstrap's draws)."""
-    A, B, C = (data_law.A, data_law.B, data_law.C) if isinstance(data_law, PowerLawFit) else data_law
-    A, B, C, loss = (np.asarray(v, dtype=float) for v in (A, B, C, loss))
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        d = (A / (loss - C)) ** (1.0 / B)
-    d = np.where((loss > C) & (A > 0) & (B > 0), d, np.inf)
-    d = np.where(np.isnan(A) | np.isnan(B) | np.isnan(C) | np.isnan(loss), np.nan, d)
-    return float(d) if d.ndim == 0 else d
-
 
 @dataclass(frozen=True)
 class DataEfficiency:
@@ -606,12 +444,11 @@ def data_efficiency(standard_data_law: PowerLawFit, loss: float, tokens: float,
     law = standard_data_law
     law_flags = (*(f"data law: {f}" for f in law.flags), *source_flags)
     flags = list(law_flags)
-    nan_interval = Interval(math.nan, math.nan)
     if not law.identified:
         flags.append("the standard recipe's data law is not identified: no multiplier")
-        return DataEfficiency(tokens, loss, math.nan, math.nan, nan_interval, tuple(flags), identified=False,
-                              law_flags=law_flags)
-    d_eq = tokens_for_loss(law, loss)
+        return DataEfficiency(tokens, loss, math.nan, math.nan, Interval(math.nan, math.nan), tuple(flags),
+                              identified=False, law_flags=law_flags)
+    d_eq = tokens_for_loss((law.A, law.B, law.C), loss)
     lo_x, hi_x = min(law.x), max(law.x)
     extrapolated = not (lo_x <= d_eq <= hi_x)
     if math.isinf(d_eq):
@@ -635,50 +472,6 @@ def data_efficiency(standard_data_law: PowerLawFit, loss: float, tokens: float,
     d_boot = tokens_for_loss((boot[:, 0], boot[:, 1], boot[:, 2]), draws) if len(boot) else np.empty(0)
     return DataEfficiency(tokens, loss, d_eq, d_eq / tokens, Interval.from_draws(np.asarray(d_boot) / tokens),
                           tuple(flags), Interval.from_draws(d_boot), extrapolated, True, law_flags)
-
-
-def equal_loss_tokens(budgets: Sequence[float], losses: Sequence[float], loss: float) -> float:
-    """The smallest budget at which the measured baseline (mean loss at each budget, budgets ascending) reaches
-    `loss`, with log D read linearly in loss between the two bracketing budgets: no law, only the measurements.
-    0 when the smallest budget already does better, inf when no measured budget reaches it."""
-    log_d = np.log(np.asarray(budgets, dtype=float))
-    L = np.asarray(losses, dtype=float)
-    if loss >= L[0]:
-        return 0.0 if loss > L[0] else float(budgets[0])
-    for i in range(len(L) - 1):  # the first crossing: a non-monotone baseline reached the loss there first
-        if L[i] > loss >= L[i + 1]:
-            return float(np.exp(log_d[i] + (L[i] - loss) / (L[i] - L[i + 1]) * (log_d[i + 1] - log_d[i])))
-    return math.inf
-
-
-def local_data_efficiency(budgets: Sequence[float], baseline_losses: Sequence[float], baseline_draws: np.ndarray,
-                          loss: float, tokens: float, loss_draws: Sequence[float]) -> DataEfficiency:
-    """D_eq / D with D_eq the equal-loss budget interpolated between the baseline's measured budgets
-    (`equal_loss_tokens`): the multiplier without a law, so a law that fails its lack-of-fit test does not
-    touch it. Outside the measured losses it is not quoted (no multiplier, `extrapolated`). The interval pairs
-    draw b of the baseline's means [n_boot, budgets] with draw b of the loss; a draw outside the measured
-    range counts as 0 or inf, so an interval that reaches past the measurements shows it."""
-    if len(loss_draws) != len(baseline_draws):
-        raise FitError(f"{len(loss_draws)} draws of the loss for {len(baseline_draws)} of the baseline: pair them")
-    d_eq = equal_loss_tokens(budgets, baseline_losses, loss)
-    flags = []
-    if np.any(np.diff(baseline_losses) >= 0):
-        flags.append("the baseline's loss does not fall at every budget: D_eq is its first crossing")
-    outside = d_eq == 0 or math.isinf(d_eq)
-    if outside:
-        where = (f"above the baseline's loss {baseline_losses[0]:.4g} at its smallest budget" if d_eq == 0 else
-                 f"below every measured baseline loss (lowest {min(baseline_losses):.4g})")
-        flags.append(f"outside the measured budgets: loss {loss:.4g} is {where}; not quoted")
-        return DataEfficiency(tokens, loss, math.nan, math.nan, Interval(math.nan, math.nan), tuple(flags),
-                              extrapolated=True, method="local")
-    d_boot = np.array([equal_loss_tokens(budgets, curve, draw) if np.all(np.isfinite(curve)) else math.nan
-                       for curve, draw in zip(np.asarray(baseline_draws), np.asarray(loss_draws, dtype=float))])
-    beyond = int(np.sum((d_boot == 0) | np.isinf(d_boot)))
-    if beyond:
-        flags.append(f"{beyond} of {len(d_boot)} draws fall outside the measured budgets (counted as 0 or inf): "
-                     "the interval reaches past the measurements")
-    return DataEfficiency(tokens, loss, d_eq, d_eq / tokens, Interval.from_draws(d_boot / tokens), tuple(flags),
-                          Interval.from_draws(d_boot), method="local")
 
 
 def headline_efficiencies(efficiencies: Mapping[str, DataEfficiency]) -> dict[str, DataEfficiency]:

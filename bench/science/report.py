@@ -530,7 +530,7 @@ def efficiency_section(results: dict, a, out: Path) -> list[str]:
         quoted = "; ".join(f"{n}: {e.multiplier()}" for n, e in local.items() if e.headline) or "none"
         parts += ["\n### Local multipliers: equal-loss D between measured budgets (no law)\n",
                   "The standard recipe's seed-mean loss at the two measured budgets that bracket L, log D read linearly "
-                  "in loss between them (bench.science.fits.equal_loss_tokens); outside the measured losses nothing is quoted. "
+                  "in loss between them (bench.science.analysis.equal_loss_tokens); outside the measured losses nothing is quoted. "
                   "The interval pairs resampled baseline seeds with the loss's own draws.\n\n",
                   efficiency_table(local), f"\nLocal multipliers inside the measured budgets: {quoted}. {paper}\n"]
     plot_data_efficiency(a.data_law, {n: e for n, e in a.efficiencies.items() if math.isfinite(e.loss)},

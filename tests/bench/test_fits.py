@@ -5,27 +5,25 @@ import math
 import numpy as np
 import pytest
 
+from bench.science.analysis import equal_loss_tokens, local_data_efficiency
 from bench.science.fits import (
     LACK_OF_FIT_ALPHA,
     FitError,
     Interval,
     data_efficiency,
-    equal_loss_tokens,
     fit_joint_limit,
     fit_power_law,
-    fit_power_law_batch,
     headline_efficiencies,
-    local_data_efficiency,
     resample_seeds,
-    tokens_for_loss,
 )
+from bench.science.least_squares import fit_power_law_batch, tokens_for_loss
 
 
 @pytest.mark.parametrize("A,B,C", [(0.05, 1.02, 3.43), (2.0, 0.25, 3.0), (0.3, 0.5, 5.2)])
 def test_recovers_known_law_from_noiseless_points(A, B, C):
     x = np.array([0.15, 0.3, 0.6, 1.4, 2.8, 5.6])
     fit = fit_power_law(x, A / x**B + C, n_boot=20)
-    assert fit.converged
+    assert fit.identified
     assert fit.A == pytest.approx(A, rel=1e-3)
     assert fit.B == pytest.approx(B, rel=1e-3)
     assert fit.C == pytest.approx(C, abs=1e-3)
@@ -54,7 +52,7 @@ def test_cpu_scale_parameter_counts_converge():
     """x in billions of parameters at CPU scale (1e-4 .. 1e-2) is far from p0 = [1, 0.5, 2]; still fits."""
     x = np.array([0.26e-3, 1.05e-3, 1.8e-3, 6.3e-3, 19e-3])
     fit = fit_power_law(x, 0.02 / x**0.35 + 4.1, n_boot=20)
-    assert fit.converged and fit.C == pytest.approx(4.1, abs=0.01)
+    assert fit.identified and fit.C == pytest.approx(4.1, abs=0.01)
 
 
 @pytest.mark.parametrize("x,y", [([1.0, 2.0], [5.4, 5.3]), ([1.0, 2.0, 3.0], [5.411, 5.284, 5.263]),
@@ -62,7 +60,7 @@ def test_cpu_scale_parameter_counts_converge():
 def test_no_more_points_than_parameters_gives_the_ordering_only(x, y):
     """3 points for 3 parameters interpolate: no asymptote, no interval, no multiplier (seeds do not add points)."""
     fit = fit_power_law(x, y, n_boot=20)
-    assert not fit.identified and not fit.converged and not fit.ok
+    assert not fit.identified and not fit.ok
     assert math.isnan(fit.C) and not fit.C_interval.defined
     assert any("need >= 4 distinct x" in f for f in fit.flags)
     assert fit.asymptote().startswith("not identified") and "±" not in fit.asymptote()
@@ -108,7 +106,7 @@ def test_joint_limit_recovers_known_asymptote():
     for n, fit in joint.per_n.items():
         assert fit.C == pytest.approx(c_n[n], abs=1e-3)
     assert joint.C == pytest.approx(3.17, abs=1e-3)
-    assert joint.over_n is not None and joint.over_n.converged
+    assert joint.over_n is not None and joint.over_n.identified
 
 
 def test_joint_limit_flags_sizes_with_too_few_k():
