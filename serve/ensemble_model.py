@@ -24,6 +24,7 @@ its own architecture name, only when that benchmark asks for it.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from collections.abc import Iterable
 
 import torch
@@ -36,6 +37,7 @@ from vllm.model_executor.models.llama import LlamaForCausalLM
 from vllm.model_executor.models.utils import AutoWeightsLoader
 
 from serve.pack import check_combine, split_member_name
+from train.model import STACKED_PARAMS_MAPPING, fused_rows
 from serve.reference import combine_member_logits
 
 
@@ -101,6 +103,7 @@ class ChorusEnsembleForCausalLM(nn.Module):
             for j in range(config.num_hidden_layers))
         self.norm = member_parameter(self.k, config.hidden_size)
         self.lm_head = member_parameter(self.k, config.hidden_size, config.vocab_size)  # [K, H, V]: W_k = lm_head[k]
+        self.fused_rows = fused_rows(config)  # Hugging Face q/k/v, gate/up -> (fused parameter, its columns here)
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         # Each member has its own embedding table: there is no single input embedding to return.
@@ -148,16 +151,12 @@ class ChorusEnsembleForCausalLM(nn.Module):
             elif hf_name == "lm_head.weight":
                 put("lm_head", member, tensor.t())
             elif parts[:2] == ["model", "layers"] and parts[-1] == "weight":
-                layer = self.layers[int(parts[2])]
                 where, kind = f"layers.{parts[2]}", parts[-2]
-                if kind in ("input_layernorm", "post_attention_layernorm"):
+                if ".".join(parts[3:-1]) in self.fused_rows:  # q | k | v, gate | up: train.model's fused layout
+                    fused, rows = self.fused_rows[".".join(parts[3:-1])]
+                    put(f"{where}.{fused}", member, tensor.t(), rows)
+                elif kind in ("input_layernorm", "post_attention_layernorm"):
                     put(f"{where}.{kind}", member, tensor)
-                elif kind in ("q_proj", "k_proj", "v_proj"):
-                    start = {"q_proj": 0, "k_proj": layer.q_size, "v_proj": layer.q_size + layer.kv_size}[kind]
-                    put(f"{where}.qkv_proj", member, tensor.t(), slice(start, start + tensor.shape[0]))
-                elif kind in ("gate_proj", "up_proj"):
-                    start = 0 if kind == "gate_proj" else tensor.shape[0]
-                    put(f"{where}.gate_up_proj", member, tensor.t(), slice(start, start + tensor.shape[0]))
                 elif kind in ("o_proj", "down_proj"):
                     put(f"{where}.{kind}", member, tensor.t())
                 else:
@@ -166,7 +165,7 @@ class ChorusEnsembleForCausalLM(nn.Module):
                 raise ValueError(f"unexpected tensor {name!r} in an ensemble's weights")
         # vLLM refuses to serve a model whose parameters were not all loaded: report only complete ones
         # (q | k | v and gate | up are 3 and 2 pieces per member).
-        pieces = {"qkv_proj": 3, "gate_up_proj": 2}
+        pieces = Counter(fused for fused, _, _ in STACKED_PARAMS_MAPPING)
         return {p for p, done in filled.items() if len(done) == self.k * pieces.get(p.rsplit(".", 1)[-1], 1)}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from transformers import LlamaConfig
 
 from plumbing.console import ChorusError
@@ -108,3 +109,44 @@ def flops_per_token(config: LlamaConfig, context: int) -> float:
     shape = shape_of(config)
     matmul_params = shape.non_embedding_params() + config.vocab_size * config.hidden_size
     return 6.0 * matmul_params + 12.0 * shape.layers * shape.hidden * context
+
+
+# ---- the fused layout --------------------------------------------------------------------------
+# Stacked training (train/stacked.py) and the serving engine (serve/ensemble_model.py) store q|k|v as one
+# qkv_proj and gate|up as one gate_up_proj: Hugging Face's weights concatenated along their output dimension,
+# in this order. As vLLM's `stacked_params_mapping`: (fused parameter, Hugging Face parameter, shard id); the
+# Hugging Face names are a decoder layer's, without the "model.layers.{i}." prefix and ".weight".
+STACKED_PARAMS_MAPPING = (
+    ("qkv_proj", "self_attn.q_proj", "q"),
+    ("qkv_proj", "self_attn.k_proj", "k"),
+    ("qkv_proj", "self_attn.v_proj", "v"),
+    ("gate_up_proj", "mlp.gate_proj", 0),
+    ("gate_up_proj", "mlp.up_proj", 1),
+)
+
+
+def fused_rows(config: LlamaConfig) -> dict[str, tuple[str, slice]]:
+    """Each Hugging Face projection of the fused layout -> (its fused parameter, its rows there)."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv = config.num_key_value_heads * head_dim
+    rows = {"q": config.num_attention_heads * head_dim, "k": kv, "v": kv,
+            0: config.intermediate_size, 1: config.intermediate_size}
+    out, start = {}, {}
+    for fused, hf, shard in STACKED_PARAMS_MAPPING:
+        first = start.get(fused, 0)
+        out[hf], start[fused] = (fused, slice(first, first + rows[shard])), first + rows[shard]
+    return out
+
+
+def fuse_layer(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A decoder layer's fused weights (name -> [out, in]) from a Hugging Face state dict; `prefix` is the
+    layer's ("model.layers.{i}.")."""
+    pieces: dict[str, list[torch.Tensor]] = {}
+    for fused, hf, _ in STACKED_PARAMS_MAPPING:
+        pieces.setdefault(fused, []).append(state[f"{prefix}{hf}.weight"])
+    return {fused: torch.cat(parts) for fused, parts in pieces.items()}
+
+
+def unfuse_layer(fused: dict[str, torch.Tensor], config: LlamaConfig, prefix: str) -> dict[str, torch.Tensor]:
+    """The inverse of fuse_layer: Hugging Face names (under `prefix`) -> their rows of the fused weights."""
+    return {f"{prefix}{hf}.weight": fused[name][rows] for hf, (name, rows) in fused_rows(config).items()}

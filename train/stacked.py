@@ -12,8 +12,8 @@ The gradient of member k depends on its own loss only, so each member is still e
 
 The model is hand-written with batched matmuls (`bmm`) and matches Hugging Face's LlamaForCausalLM
 op for op: RMSNorm, rotary embeddings (HF's own module), SDPA causal attention with grouped KV heads,
-SwiGLU MLP, untied (or tied) output head. q/k/v and gate/up are stored fused (one bmm each); they are
-split back into HF's names when a member is written. Its forward is bit-identical to HF's.
+SwiGLU MLP, untied (or tied) output head. q/k/v and gate/up are stored fused (one bmm each), in the layout of
+train.model.STACKED_PARAMS_MAPPING (the serving engine's too); they are split back into HF's names when a member is written. Its forward is bit-identical to HF's.
 The alternative, `torch.func` stack_module_state + functional_call + vmap over the HF model, was timed
 against it (bench/perf/train_stack_throughput.py --compare-vmap): one forward+backward of K=4 cpu-xxs members at
 batch 32 x 128 took 635 ms hand-written vs 2602 ms vmapped (a shared, loaded 2-core box); the hand-written
@@ -40,7 +40,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from plumbing.artifacts import ArtifactError, OutputLock, atomic_write_json, read_json
 from train.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
-from train.model import Shape, flops_per_token
+from train.model import Shape, flops_per_token, fuse_layer, unfuse_layer
 from train.base import BaseModel
 from train.trainer import (EpochBatches, TrainConfig, autocast_for, claim_run_dir, evaluate, finish_run, initial_model,
                            keep_freed_memory, lr_at, member_llama_config, trim_metrics, validation_windows)
@@ -93,11 +93,12 @@ class StackedLlama(nn.Module):
                 self.embed[k].copy_(sd["model.embed_tokens.weight"])
                 for i, layer in enumerate(self.layers):
                     p = f"model.layers.{i}."
+                    fused = fuse_layer(sd, p)
                     layer.ln1[k].copy_(sd[p + "input_layernorm.weight"])
-                    layer.wqkv[k].copy_(torch.cat([sd[p + f"self_attn.{n}_proj.weight"] for n in "qkv"]))
+                    layer.wqkv[k].copy_(fused["qkv_proj"])
                     layer.wo[k].copy_(sd[p + "self_attn.o_proj.weight"])
                     layer.ln2[k].copy_(sd[p + "post_attention_layernorm.weight"])
-                    layer.wgu[k].copy_(torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]]))
+                    layer.wgu[k].copy_(fused["gate_up_proj"])
                     layer.wdown[k].copy_(sd[p + "mlp.down_proj.weight"])
                 self.norm[k].copy_(sd["model.norm.weight"])
                 if self.head is not None:
@@ -105,19 +106,13 @@ class StackedLlama(nn.Module):
 
     def member_state_dict(self, k: int) -> dict[str, torch.Tensor]:
         """Member k as a Hugging Face LlamaForCausalLM state dict (copies, on the CPU)."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        mlp = self.config.intermediate_size
         t = lambda x: x[k].detach().to("cpu").clone()  # noqa: E731
         sd = {"model.embed_tokens.weight": t(self.embed), "model.norm.weight": t(self.norm)}
         for i, layer in enumerate(self.layers):
             p = f"model.layers.{i}."
-            wq, wk, wv = t(layer.wqkv).split([q, kv, kv])
-            gate, up = t(layer.wgu).split([mlp, mlp])
-            sd.update({p + "input_layernorm.weight": t(layer.ln1), p + "self_attn.q_proj.weight": wq,
-                       p + "self_attn.k_proj.weight": wk, p + "self_attn.v_proj.weight": wv,
-                       p + "self_attn.o_proj.weight": t(layer.wo), p + "post_attention_layernorm.weight": t(layer.ln2),
-                       p + "mlp.gate_proj.weight": gate, p + "mlp.up_proj.weight": up,
-                       p + "mlp.down_proj.weight": t(layer.wdown)})
+            sd.update(unfuse_layer({"qkv_proj": t(layer.wqkv), "gate_up_proj": t(layer.wgu)}, self.config, p))
+            sd.update({p + "input_layernorm.weight": t(layer.ln1), p + "self_attn.o_proj.weight": t(layer.wo),
+                       p + "post_attention_layernorm.weight": t(layer.ln2), p + "mlp.down_proj.weight": t(layer.wdown)})
         sd["lm_head.weight"] = t(self.embed if self.head is None else self.head)
         return sd
 
