@@ -17,7 +17,8 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from bench.study import StudyConfig, StudyError, load_profile, run_study
+from bench.study.job import StudyConfig, run_study
+from bench.study.profile import StudyError, load_profile
 from plumbing.console import exit_on, setup_logging
 
 

@@ -9,7 +9,9 @@ import pytest
 
 from bench.evaluation.downstream import MultipleChoiceItem, _parse_item
 from bench.science.report import story_section
-from bench.study import analyze, heldout_next_word, load_profile
+from bench.study.analysis import analyze
+from bench.study.distillation import heldout_next_word
+from bench.study.profile import load_profile
 
 
 def test_heldout_next_word_is_a_valid_four_way_task(tiny_dataset):
@@ -99,7 +101,7 @@ def test_story_puts_the_soft_label_student_beside_the_best_single_model_and_its_
     ({"distill_preset": "cpu-s"}, "field 'distill_preset'"), ({"colour": 1}, "unknown field(s) colour"),
 ])
 def test_a_bad_profile_is_named_with_its_field(tmp_path, bad, message):
-    from bench.study import PROFILE_DIR, StudyError
+    from bench.study.profile import PROFILE_DIR, StudyError
 
     record = {**json.loads((PROFILE_DIR / "main.json").read_text()), **bad}
     path = tmp_path / "bad.json"

@@ -9,8 +9,11 @@ import json
 import numpy as np
 import pytest
 
-from bench.study import Study, StudyConfig, StudyError, check_profile, gate_verdict, load_profile, write_report
-from train.data import DatasetSpec, _inputs_key, load_tokens, one_chunk_each, prepare_dataset, read_manifest, shuffled_chunks
+from bench.study.analysis import write_report
+from bench.study.job import Study, StudyConfig
+from bench.study.profile import StudyError, check_profile, load_profile
+from bench.study.training import gate_verdict
+from train.data import DatasetSpec, _inputs_key, load_tokens, one_chunk_each, prepare_dataset, shuffled_chunks
 
 
 def docs(n=40, length=100):

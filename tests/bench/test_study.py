@@ -18,16 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.study import (
-    PHASES,
-    analyze,
-    load_profile,
-    profile_names,
-    seed_mean_draws,
-    story_gains,
-    synthetic_budget,
-    write_report,
-)
+from bench.study.analysis import analyze, seed_mean_draws, story_gains, write_report
+from bench.study.profile import PHASES, load_profile, profile_names
+from distill.budget import synthetic_budget
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -254,7 +247,7 @@ def test_seed_mean_draws_pool_seed_noise_and_refuse_one_seed():
 
 
 def test_eval_cache_keys_change_when_a_model_is_retrained_in_place(tmp_path):
-    from bench.study import model_ids
+    from bench.study.training import model_ids
 
     model = tmp_path / "model"
     model.mkdir()
