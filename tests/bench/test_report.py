@@ -76,7 +76,7 @@ def _claims(reg_curve, self_gain):
 
     from bench.science.fits import Interval, fit_joint_limit
     from bench.science.report import claims_section
-    from bench.study import Gain
+    from bench.study.analysis import Gain
 
     noise = np.tile([0.003, 0.0, -0.003], 6)
     n, k = np.repeat([0.25, 0.5, 1, 2, 4, 8], 3), np.repeat([1, 2, 3, 4, 5, 6], 3)
