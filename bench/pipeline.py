@@ -13,12 +13,11 @@ a directory holding a job of other settings is refused (use another --out).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 
 from bench.study.job import StudyConfig, run_study
-from bench.study.profile import StudyError, load_profile
+from bench.study.profile import StudyError, load_profile, validate_profile
 from plumbing.console import exit_on, setup_logging
 
 
@@ -60,11 +59,9 @@ def main(argv: list[str] | None = None) -> None:
         if profile.search and any(getattr(args, f) is not None for f in ("epochs", "lr", "wd")):
             raise StudyError(f"profile {profile.name} searches its settings: --epochs/--lr/--wd apply to a profile "
                              "with \"search\": false")
-        if not profile.search:
-            profile = dataclasses.replace(profile, **override)
-        else:
-            profile = dataclasses.replace(profile, **{k: v for k, v in override.items()
-                                                      if k not in ("start", "epochs", "lrs", "wds")})
+        if profile.search:
+            override = {k: v for k, v in override.items() if k not in ("start", "epochs", "lrs", "wds")}
+        profile = validate_profile({**profile.model_dump(), **override}, f"profile {profile.name} with these flags")
         command = "bash scripts/demo.sh " + " ".join(sys.argv[1:] if argv is None else argv)
         cfg = StudyConfig(profile=profile, out=args.out, corpus=tuple(args.corpus), address=args.address,
                           n_boot=args.n_boot, tasks=tuple(args.tasks), command=command.strip())

@@ -2,8 +2,6 @@
 results.json, and run_study, which holds the output directory's lock while it runs."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -11,7 +9,7 @@ from pathlib import Path
 
 from bench.study.analysis import write_report
 from bench.study.distillation import DistillationPhases
-from bench.study.profile import PHASES, StudyError, StudyProfile
+from bench.study.profile import PHASES, StudyError, StudyProfile, profile_defaults
 from bench.study.training import TrainingPhases
 from plumbing.artifacts import Ledger, OutputLock, atomic_write_json, read_json
 
@@ -44,10 +42,9 @@ class Study(TrainingPhases, DistillationPhases):
         self.data_dir = Path(cfg.data_dir) if cfg.data_dir else self.out / "data"
         self.results_path = self.out / "results.json"
         self.results = read_json(self.results_path, "study results") if self.results_path.exists() else {}
-        profile = json.loads(json.dumps(dataclasses.asdict(self.p)))  # as it reads back from results.json
+        profile = self.p.recorded()  # as it reads back from results.json
         stored = self.results.setdefault("profile", profile)
-        defaults = json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(StudyProfile)
-                                          if f.default is not dataclasses.MISSING}))
+        defaults = profile_defaults()
         for k in set(profile) - set(stored):  # a field added since the study started, at its default: the same study
             if k in defaults and profile[k] == defaults[k]:
                 stored[k] = profile[k]

@@ -1,7 +1,6 @@
 """The main job's own pieces: the held-out next-word task it builds, its profile, and the verdicts its report prints."""
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import numpy as np
@@ -38,7 +37,7 @@ def main_results(std, reg, students, ensemble_gain=0.08) -> dict:
     """A finished main job with given member and student losses (the ensemble of the regularized members)."""
     import itertools
 
-    profile = json.loads(json.dumps(dataclasses.asdict(load_profile("main"))))
+    profile = load_profile("main").recorded()
     rows = lambda losses: [{"seed": i, "val_loss": v, "model_dir": "m"} for i, v in enumerate(losses)]
     subsets = [{"k": k, "seeds": list(s), "loss": float(np.mean([reg[i] for i in s])) - ensemble_gain * (k - 1) / 2}
                for k in (1, 2, 3) for s in itertools.combinations(range(3), k)]

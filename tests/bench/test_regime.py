@@ -11,7 +11,7 @@ import pytest
 
 from bench.study.analysis import write_report
 from bench.study.job import Study, StudyConfig
-from bench.study.profile import StudyError, check_profile, load_profile
+from bench.study.profile import StudyError, load_profile, validate_profile
 from bench.study.training import gate_verdict
 from train.data import DatasetSpec, _inputs_key, load_tokens, one_chunk_each, prepare_dataset, shuffled_chunks
 
@@ -94,7 +94,7 @@ def test_the_new_profiles_carry_the_design_of_issue_24():
 ])
 def test_bad_regime_fields_are_refused_by_name(change, field):
     with pytest.raises(StudyError, match=f"field '{field}'"):
-        check_profile(dataclasses.replace(load_profile("wiki-100k"), **change), "p.json")
+        validate_profile({**load_profile("wiki-100k").model_dump(), **change}, "p.json")
 
 
 def test_the_gate_passes_with_the_effects_and_fails_without():
@@ -110,7 +110,7 @@ def test_the_gate_passes_with_the_effects_and_fails_without():
 
 
 def test_the_report_says_plainly_when_the_regime_cannot_show_the_effects(tmp_path):
-    profile = json.loads(json.dumps(dataclasses.asdict(load_profile("wiki-100k"))))
+    profile = load_profile("wiki-100k").recorded()
     verdict = gate_verdict(6.20, 6.18, {4: 6.3, 8: 6.1, 16: 6.0, 64: 5.9}, 0.05, 0.02)
     results = {"profile": profile, "phases_done": ["data", "gate"], "dataset": {"chunk_tokens": 256,
                "val_documents": 125}, "gate": {**verdict, "small": "cpu-xxs", "large": "cpu-xs2",
@@ -122,10 +122,10 @@ def test_the_report_says_plainly_when_the_regime_cannot_show_the_effects(tmp_pat
 
 def test_a_study_begun_before_a_field_existed_resumes_and_a_changed_one_is_refused(tmp_path):
     profile = load_profile("micro")
-    stored = json.loads(json.dumps(dataclasses.asdict(profile)))
+    stored = profile.recorded()
     for new in ("gate_epochs", "gate_min_gap", "gate_overfit", "calibration", "chunk_tokens", "budget_seeds"):
         del stored[new]
     (tmp_path / "results.json").write_text(json.dumps({"profile": stored}))
     Study(StudyConfig(profile=profile, out=str(tmp_path)))
     with pytest.raises(StudyError, match="differs in: chunk_tokens"):
-        Study(StudyConfig(profile=dataclasses.replace(profile, chunk_tokens=64), out=str(tmp_path)))
+        Study(StudyConfig(profile=profile.model_copy(update={"chunk_tokens": 64}), out=str(tmp_path)))

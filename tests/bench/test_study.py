@@ -4,7 +4,6 @@ drawn from known laws (intervals cover the truth at their stated rate; a too-nar
 synthetic budget rule gives every student one pass; bad input is refused with exit code 2."""
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -119,7 +118,7 @@ def test_every_shipped_profile_loads():
     names = set(profile_names())
     assert {"main", "micro", "wiki", "wiki-25k"} <= names
     for name in names:
-        load_profile(name)  # check_profile runs on every file shipped
+        load_profile(name)  # every file shipped is validated
     for study in ("wiki", "wiki-25k"):  # the committed-study design: more points than parameters everywhere
         p = load_profile(study)
         assert len(p.presets) >= 5 and p.k_max >= 5 and len(p.budgets) + 1 >= 5 and p.search, study
@@ -158,7 +157,7 @@ def known_results(rng, sd=0.01, reg_c=5.0, joint_c=4.6, k_max=5, seeds=3) -> dic
     the K-limit at each N 0.4/N^0.5 + joint_c; the standard recipe's data law 1/D^0.3 + 5.5 (D in millions)."""
     from train.model import get_shape
 
-    profile = {**json.loads(json.dumps(dataclasses.asdict(load_profile("wiki")))), "name": "known",
+    profile = {**load_profile("wiki").recorded(), "name": "known",
                "presets": list(PRESETS), "tokens": 200_000, "k_max": k_max, "seeds": seeds}
     search, members, ensembles = {}, {}, {}
     for p in PRESETS:
