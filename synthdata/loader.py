@@ -1,8 +1,9 @@
 """Reading token shards for training: a synthetic data directory (this stage) or a train/ dataset's split.
 
 Both are Parquet files of one sequence per row (`tokens`, list<int32>, BOS first) listed with their sha256
-in a manifest; `TokenShards` streams the rows in manifest order, checking each file's bytes before use. The
-synthetic format is synthdata/shards.py's: reading it imports no engine, vLLM or Ray.
+in a manifest; `TokenShards` reads their manifests and streams the rows in manifest order through train.data's
+shard reader, which checks each file's bytes before use. The synthetic format is synthdata/shards.py's: reading it
+imports no engine, vLLM or Ray.
 """
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
-from synthdata.shards import JobError, iter_token_rows, read_manifest, verify_shard
+from synthdata.shards import JobError, read_manifest
 from synthdata.soft_targets import COLUMNS as SOFT_COLUMNS
 from synthdata.soft_targets import SoftTargetError, SoftTargets, read_columns
 from plumbing.artifacts import sha256_file
-from train.data import DataError, concat_tokens
+from train.data import DataError, check_shard, read_token_stream, shard_rows
 from train.data import read_manifest as read_dataset_manifest
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,9 @@ class TokenShards:
     def sequences(self, verify: bool = True) -> Iterator[np.ndarray]:
         """Every row's tokens (int32), shard by shard, streamed one record batch at a time."""
         for f in self.files:
-            if verify and not verify_shard(f.path, f.sha256):
-                raise DataError(f"token shard {f.path} is missing or corrupt (sha256 differs from the manifest)")
-            yield from iter_token_rows(f.path)
+            if verify:
+                check_shard(f.path, f.sha256)
+            yield from shard_rows(f.path)
 
     def soft_targets(self, verify: bool = True) -> SoftTargets:
         """The teacher's top-k at every position of `stream()` (synthdata.soft_targets): a row's last token has
@@ -94,8 +95,8 @@ class TokenShards:
             raise DataError(f"{self.root} holds no teacher top-k: it was generated without --topk")
         parts = []
         for f in self.files:
-            if verify and not verify_shard(f.path, f.sha256):
-                raise DataError(f"token shard {f.path} is missing or corrupt (sha256 differs from the manifest)")
+            if verify:
+                check_shard(f.path, f.sha256)
             table = pq.read_table(f.path, columns=["length", *SOFT_COLUMNS])
             lengths = table.column("length").to_numpy().astype(np.int64)
             try:
@@ -111,4 +112,4 @@ class TokenShards:
 
     def stream(self, max_tokens: int | None = None) -> np.ndarray:
         """The rows concatenated into one token stream (what `train.data.windows` cuts), optionally truncated."""
-        return concat_tokens(self.sequences(), max_tokens)
+        return read_token_stream([(f.path, f.sha256) for f in self.files], max_tokens)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -301,15 +301,46 @@ def load_tokens(data_dir: str | Path, split: str, max_tokens: int | None = None,
             "use a smaller budget or a larger corpus"
         )
 
-    def shards():
-        for shard in info["shards"]:
-            path = data_dir / shard["file"]
-            if verify and (not path.exists() or sha256_file(path) != shard["sha256"]):
-                raise DataError(f"token shard {path} is missing or corrupt (sha256 differs from the manifest)")
-            column = pq.read_table(path, columns=["tokens"]).column("tokens").combine_chunks()
-            yield column.values.to_numpy(zero_copy_only=False).astype(np.int32)
+    return read_token_stream([(data_dir / s["file"], s["sha256"]) for s in info["shards"]], max_tokens, verify)
 
-    return concat_tokens(shards(), max_tokens)
+
+# ---- token shards: the one reader ---------------------------------------------------------------
+# A token shard is a Parquet file of one sequence per row in a `tokens` column (list<int32>, BOS first), listed with
+# its sha256 in a manifest: this dataset's splits, and synthdata's synthetic shards (synthdata.loader.TokenShards).
+
+def check_shard(path: Path, sha256: str) -> None:
+    """The shard exists and its bytes are the ones its manifest records; else a DataError naming it."""
+    if not path.exists() or sha256_file(path) != sha256:
+        raise DataError(f"token shard {path} is missing or corrupt (sha256 differs from the manifest)")
+
+
+def shard_tokens(path: Path) -> np.ndarray:
+    """One shard's rows concatenated into one int32 stream."""
+    column = pq.read_table(path, columns=["tokens"]).column("tokens").combine_chunks()
+    return column.values.to_numpy(zero_copy_only=False).astype(np.int32)
+
+
+def shard_rows(path: Path) -> Iterator[np.ndarray]:
+    """One shard's rows (int32 token arrays), streamed one record batch at a time."""
+    for batch in pq.ParquetFile(path).iter_batches(columns=["tokens"]):
+        column = batch.column("tokens")
+        offsets = column.offsets.to_numpy()
+        values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
+        for a, b in zip(offsets[:-1], offsets[1:]):
+            yield values[a:b]
+
+
+def read_token_stream(shards: Iterable[tuple[Path, str]], max_tokens: int | None = None,
+                      verify: bool = True) -> np.ndarray:
+    """The (path, sha256) shards' rows concatenated in order, truncated to `max_tokens`; a shard is read (and, with
+    `verify`, checked against its sha256) only if the budget needs it."""
+    def streams():
+        for path, sha256 in shards:
+            if verify:
+                check_shard(path, sha256)
+            yield shard_tokens(path)
+
+    return concat_tokens(streams(), max_tokens)
 
 
 def windows(stream: np.ndarray, context: int) -> tuple[np.ndarray, np.ndarray]:
