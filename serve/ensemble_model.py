@@ -16,10 +16,6 @@ Rotary embeddings run once per layer over all K x heads (the members share the r
   logits: mean_k h_k W_k = [h_1 .. h_K] @ [W_1; ..; W_K] / K, one matmul, then log_softmax;
   probs:  one batched [K, T, V] matmul, log_softmax per member, logsumexp over members - log K.
 Both equal serve.reference.combine_member_logits (the oracle the tests hold this model to).
-
-`SequentialEnsembleForCausalLM` is the engine this replaced (K vLLM Llamas run one after another). It is kept
-only for bench.perf.serve_throughput, which measures the two side by side; serve/vllm_plugin.py registers it, under
-its own architecture name, only when that benchmark asks for it.
 """
 from __future__ import annotations
 
@@ -33,12 +29,9 @@ from torch import nn
 from vllm.config import VllmConfig
 from vllm.model_executor.layers.attention import Attention
 from vllm.model_executor.layers.rotary_embedding import get_rope
-from vllm.model_executor.models.llama import LlamaForCausalLM
-from vllm.model_executor.models.utils import AutoWeightsLoader
 
 from serve.pack import check_combine, split_member_name
 from train.model import STACKED_PARAMS_MAPPING, fused_rows
-from serve.reference import combine_member_logits
 
 
 def member_parameter(*shape: int) -> nn.Parameter:
@@ -167,34 +160,3 @@ class ChorusEnsembleForCausalLM(nn.Module):
         # (q | k | v and gate | up are 3 and 2 pieces per member).
         pieces = Counter(fused for fused, _, _ in STACKED_PARAMS_MAPPING)
         return {p for p, done in filled.items() if len(done) == self.k * pieces.get(p.rsplit(".", 1)[-1], 1)}
-
-
-class SequentialEnsembleForCausalLM(nn.Module):
-    """BENCHMARK ONLY: the engine the fused one replaced — member i is vLLM's `LlamaForCausalLM` under `m{i}`,
-    the members run one after another and each computes its logits from its own head. Registered (as
-    serve.vllm_plugin.SEQUENTIAL_ARCHITECTURE) only when bench.perf.serve_throughput sets SEQUENTIAL_ENV."""
-
-    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
-        super().__init__()
-        config = vllm_config.model_config.hf_config
-        self.k, self.combine = int(config.chorus_ensemble["members"]), config.chorus_ensemble["combine"]
-        self.hidden_size = config.hidden_size
-        for i in range(self.k):
-            name = f"m{i}"
-            setattr(self, name, LlamaForCausalLM(vllm_config=vllm_config, prefix=f"{prefix}.{name}" if prefix else name))
-        self.members = [getattr(self, f"m{i}") for i in range(self.k)]
-
-    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError("an ensemble has one embedding table per member; prompt embeddings are not supported")
-
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, intermediate_tensors=None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.cat([m(input_ids, positions) for m in self.members], dim=-1)
-
-    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        per_member = hidden_states.split(self.hidden_size, dim=-1)
-        logits = torch.stack([m.compute_logits(h) for m, h in zip(self.members, per_member)])
-        return combine_member_logits(logits.float(), self.combine).to(hidden_states.dtype)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return AutoWeightsLoader(self).load_weights(weights)

@@ -11,7 +11,7 @@ work is exactly the requested tokens. The same load is served, in one run, by:
 2. the fused ensemble engine (serve/ensemble_model.py: the K members as one wide model) on the packed ensemble
    for each K in `--ks` (members are reused in order when fewer are given), given all requests at once;
 3. the sequential engine (`--engines ... sequential`): the same pack served by the engine the fused one replaced
-   (K vLLM Llamas in a row), registered for this benchmark only (serve.vllm_plugin.SEQUENTIAL_ENV);
+   (K vLLM Llamas in a row), registered for this benchmark only (bench/perf/sequential_engine.py);
 4. unless `--skip-loops`: the per-request loop (a token-by-token Hugging Face loop serving the requests one after
    another at batch size 1, each member with its own KV cache, logits averaged in Python; the "engine >= 10x
    the Python loop" target is judged against it) and the static-batch loop (all requests in one left-padded
@@ -43,9 +43,9 @@ from pathlib import Path
 import psutil
 import torch
 
+from bench.perf.sequential_engine import SEQUENTIAL_ARCHITECTURE, SEQUENTIAL_ENV
 from serve.engine import offline_engine
 from serve.pack import pack_ensemble, read_config, weight_shapes
-from serve.vllm_plugin import SEQUENTIAL_ARCHITECTURE, SEQUENTIAL_ENV
 from train.data import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -212,8 +212,8 @@ def measure(member_dirs: list[Path], work: Path, load: list[Request], kv_cache_b
             loops: bool = True) -> dict:
     from transformers import LlamaForCausalLM
 
-    # Before vLLM loads in this process (and so in the engine processes it starts): the plugin then also registers
-    # the sequential engine under its own architecture name, which only sequential_copy's directories name.
+    # Before vLLM loads its plugins in this process (and so in the engine processes it starts): the sequential
+    # engine's plugin then registers it under its own architecture name, which only sequential_copy's directories name.
     os.environ[SEQUENTIAL_ENV] = "1"
     torch.set_num_threads(engine_compute_threads())
     context = read_config(member_dirs[0])["max_position_embeddings"]
