@@ -23,11 +23,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
+from bench.science.fits import JointLimitFit
 from plumbing.artifacts import atomic_write_text
 from plumbing.console import ChorusError
 
@@ -219,16 +220,12 @@ FLOOR_FLAG = "C below the Bayes floor"
 def flag_below_floor(fit, floor: float):
     """The fit with FLOOR_FLAG added when its asymptote C lies below the floor: no model reaches below it, so such a
     limit is an artifact of extrapolating the law (a PowerLawFit or a JointLimitFit; others as they are)."""
-    import dataclasses
-
-    from bench.science.fits import JointLimitFit
-
     if fit is None or not fit.identified or not fit.C < floor:
         return fit
     flag = f"{FLOOR_FLAG} ({fit.C:.3f} < {floor:.3f}): an extrapolation artifact"
     if isinstance(fit, JointLimitFit):
-        return dataclasses.replace(fit, over_n=flag_below_floor(fit.over_n, floor), flags=(*fit.flags, flag))
-    return dataclasses.replace(fit, flags=(*fit.flags, flag))
+        return replace(fit, over_n=flag_below_floor(fit.over_n, floor), flags=(*fit.flags, flag))
+    return replace(fit, flags=(*fit.flags, flag))
 
 
 def floor_rows(laws: Mapping[str, object], floor: float) -> list[list]:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.study.profile import PHASES
+from bench.study.results import DISTILLED_RECIPES, RECIPES, StudyResults
 
 
 def size_unit(params: float) -> tuple[float, str]:
@@ -17,55 +18,55 @@ def size_unit(params: float) -> tuple[float, str]:
     return (1e9, "billions") if params >= 1e8 else (1e6, "millions")
 
 
-def evaluation_rows(results: dict) -> list[dict]:
+def evaluation_rows(results: dict | StudyResults) -> list[dict]:
     """What was measured, as bench.science.analysis's rows (recipe, x, seeds, loss). Recipes: 'standard' and
     'regularized' (members at each N), 'ensemble' (every K-subset of the ensemble's members at each N),
     'data:standard' / 'data:regularized' (each budget D's best N, its seeds), 'student:ensemble',
     'student:self', 'control' (at the distillation size)."""
-    p, search = results["profile"], results.get("search", {})
-    n_scale, _ = size_unit(max([s["params"] for s in search.values()], default=0))
-    d_scale, _ = size_unit(p["tokens"])
+    r = StudyResults.of(results)
+    n_scale, _ = size_unit(r.largest_params)
+    d_scale, _ = size_unit(r.tokens)
     rows = []
-    for preset, m in results.get("members", {}).items():
-        x = search[preset]["params"] / n_scale
-        for recipe in ("standard", "regularized"):
-            rows += [{"recipe": recipe, "x": x, "seeds": [r["seed"]], "loss": r["val_loss"]} for r in m[recipe]]
-    for preset, subsets in results.get("ensembles", {}).items():
-        x = search[preset]["params"] / n_scale
-        rows += [{"recipe": "ensemble", "x": x, "seeds": r["seeds"], "loss": r["loss"]} for r in subsets]
-    for d, best in best_per_budget(results).items():
+    for preset in r.members_done:
+        size = r.sizes[preset]
+        for recipe in RECIPES:
+            rows += [{"recipe": recipe, "x": size.params / n_scale, "seeds": [m.seed], "loss": m.loss}
+                     for m in size.members.get(recipe, [])]
+    for preset in r.ensembles_done:
+        size = r.sizes[preset]
+        rows += [{"recipe": "ensemble", "x": size.params / n_scale, "seeds": e.seeds, "loss": e.loss}
+                 for e in size.ensembles]
+    for d, best in best_per_budget(r).items():
         for recipe, (_, losses) in best.items():
             rows += [{"recipe": f"data:{recipe}", "x": d / d_scale, "seeds": [s], "loss": v}
                      for s, v in enumerate(losses)]
-    distilled = results.get("distill", {})
-    if distilled.get("preset") in search:
-        x = search[distilled["preset"]]["params"] / n_scale
-        for recipe, name in (("ensemble", "student:ensemble"), ("self", "student:self"), ("control", "control"),
-                             ("soft", "student:soft"), ("soft-self", "student:soft-self"),
-                             ("control-soft", "control:soft")):
-            rows += [{"recipe": name, "x": x, "seeds": [r["seed"]], "loss": r["val_loss"]}
-                     for r in distilled.get(recipe, [])]
+    if r.distilled.preset in r.sizes:
+        x = r.params(r.distilled.preset) / n_scale
+        for kind, recipe in DISTILLED_RECIPES.items():
+            rows += [{"recipe": recipe, "x": x, "seeds": [m.seed], "loss": m.loss}
+                     for m in r.distilled.runs.get(kind, [])]
     return rows
 
 
-def budget_candidates(results: dict) -> dict[int, dict[str, dict[str, list[float]]]]:
+def budget_candidates(results: dict | StudyResults) -> dict[int, dict[str, dict[str, list[float]]]]:
     """Per budget D and recipe: every size measured there -> its seeds' losses. At the main budget every size's
     members count too, so the standard baseline there is the best over all sizes, not the budget phase's one."""
+    r = StudyResults.of(results)
     out: dict[int, dict] = {}
-    for preset, per_d in results.get("budgets", {}).items():
-        for d, row in per_d.items():
-            for recipe in ("standard", "regularized"):
-                out.setdefault(int(d), {}).setdefault(recipe, {})[preset] = row[recipe]["seeds"]
+    for preset, per_d in r.budgets.items():
+        for d, per_recipe in per_d.items():
+            for recipe, losses in per_recipe.items():
+                out.setdefault(d, {}).setdefault(recipe, {})[preset] = losses
     if out:  # the main budget joins the data law only where the study measured a data law
-        main = out.setdefault(int(results["profile"]["tokens"]), {})
-        for preset, m in results.get("members", {}).items():
-            for recipe in ("standard", "regularized"):
-                if m.get(recipe):
-                    main.setdefault(recipe, {}).setdefault(preset, [r["val_loss"] for r in m[recipe]])
+        main = out.setdefault(r.tokens, {})
+        for preset in r.members_done:
+            for recipe in RECIPES:
+                if members := r.sizes[preset].members.get(recipe):
+                    main.setdefault(recipe, {}).setdefault(preset, [m.loss for m in members])
     return dict(sorted(out.items()))
 
 
-def best_per_budget(results: dict) -> dict[int, dict[str, tuple[str, list[float]]]]:
+def best_per_budget(results: dict | StudyResults) -> dict[int, dict[str, tuple[str, list[float]]]]:
     """Per budget D and recipe: the size with the lowest seed mean (over `budget_candidates`), its seeds' losses."""
     return {d: {recipe: min(sizes.items(), key=lambda kv: np.mean(kv[1])) for recipe, sizes in per_r.items()}
             for d, per_r in budget_candidates(results).items()}
@@ -226,59 +227,57 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
     )
     from bench.science.fits import headline_efficiencies
 
-    p, search = results["profile"], results.get("search", {})
-    rows = evaluation_rows(results)
-    n_scale, n_unit = size_unit(max([s["params"] for s in search.values()], default=0))
-    d_scale, d_unit = size_unit(p["tokens"])
+    r = StudyResults.of(results)
+    rows = evaluation_rows(r)
+    n_scale, n_unit = size_unit(r.largest_params)
+    d_scale, d_unit = size_unit(r.tokens)
     if not rows:
         return Analysis(None, n_unit, d_unit, {}, {}, None, None, {}, {}, {}, {})
     table = EvaluationTable(rows, "results.json")
     recipes = set(table.recipes())
-    size_laws = {r: fit_over_x(table, r, n_boot) for r in ("standard", "regularized") if r in recipes}
+    size_laws = {recipe: fit_over_x(table, recipe, n_boot) for recipe in RECIPES if recipe in recipes}
     per_k, joint = {}, None
     if "ensemble" in recipes:
-        per_k = {preset: fit_over_k(table, "ensemble", search[preset]["params"] / n_scale, n_boot)
-                 for preset in results.get("ensembles", {})}
+        per_k = {preset: fit_over_k(table, "ensemble", r.params(preset) / n_scale, n_boot)
+                 for preset in r.ensembles_done}
         joint = fit_joint(table, "ensemble", n_boot)
     data_law, effs, local = None, {}, {}
-    main_d = p["tokens"] / d_scale
-    top = [q for q in p["presets"] if q in results.get("members", {})]
+    main_d = r.tokens / d_scale
+    top = [q for q in r.presets if q in r.members_done]
     if "data:standard" in recipes:
         data_law = fit_over_x(table, "data:standard", n_boot)
-    floor = results.get("calibration", {}).get("floor")
-    if floor is not None:  # a limit below the source's Bayes floor is flagged, so no headline is derived from it
+    if r.floor is not None:  # a limit below the source's Bayes floor is flagged, so no headline is derived from it
         from bench.science.calibration import flag_below_floor
 
-        size_laws = {r: flag_below_floor(f, floor) for r, f in size_laws.items()}
-        per_k = {q: flag_below_floor(f, floor) for q, f in per_k.items()}
-        joint, data_law = flag_below_floor(joint, floor), flag_below_floor(data_law, floor)
+        size_laws = {recipe: flag_below_floor(f, r.floor) for recipe, f in size_laws.items()}
+        per_k = {q: flag_below_floor(f, r.floor) for q, f in per_k.items()}
+        joint, data_law = flag_below_floor(joint, r.floor), flag_below_floor(data_law, r.floor)
     if data_law is not None:
-        for d, best in best_per_budget(results).items():
+        for d, best in best_per_budget(r).items():
             if "regularized" in best:
                 name = f"regularized, best N ({best['regularized'][0]}), D={d:,}"
                 effs[name] = efficiency_of_loss(data_law, table, "data:regularized", d / d_scale, 1, d / d_scale, n_boot)
                 local[name] = local_efficiency_of_loss(table, "data:standard", "data:regularized", d / d_scale, 1,
                                                        d / d_scale, n_boot)
         if top and "ensemble" in recipes:
-            x = search[top[-1]]["params"] / n_scale
-            name = f"ensemble K={p['k_max']} ({top[-1]}), D={p['tokens']:,}"
-            effs[name] = efficiency_of_loss(data_law, table, "ensemble", x, p["k_max"], main_d, n_boot)
-            local[name] = local_efficiency_of_loss(table, "data:standard", "ensemble", x, p["k_max"], main_d, n_boot)
-        distilled = results.get("distill", {})
-        if distilled.get("ensemble"):
-            x = search[distilled["preset"]]["params"] / n_scale
-            name = f"student ({distilled['preset']}), D={p['tokens']:,}"
+            x = r.params(top[-1]) / n_scale
+            name = f"ensemble K={r.k_max} ({top[-1]}), D={r.tokens:,}"
+            effs[name] = efficiency_of_loss(data_law, table, "ensemble", x, r.k_max, main_d, n_boot)
+            local[name] = local_efficiency_of_loss(table, "data:standard", "ensemble", x, r.k_max, main_d, n_boot)
+        if r.distilled.runs.get("ensemble"):
+            x = r.params(r.distilled.preset) / n_scale
+            name = f"student ({r.distilled.preset}), D={r.tokens:,}"
             effs[name] = efficiency_of_loss(data_law, table, "student:ensemble", x, 1, main_d, n_boot)
             local[name] = local_efficiency_of_loss(table, "data:standard", "student:ensemble", x, 1, main_d, n_boot)
         if "regularized" in size_laws:
             effs["regularized, N -> inf (asymptote)"] = efficiency_of_asymptote(data_law, size_laws["regularized"], main_d)
         if joint is not None:
             effs["joint N, K -> inf (asymptote)"] = efficiency_of_asymptote(data_law, joint, main_d)
-    top_x = search[top[-1]]["params"] / n_scale if top else math.nan
-    dp = results.get("distill", {}).get("preset")
-    distill_x = search[dp]["params"] / n_scale if dp in search else None
-    gains = story_gains(table, p["k_max"], top_x, distill_x, n_boot) if top else {}
-    per_n = {q: story_gains(table, p["k_max"], search[q]["params"] / n_scale, None, n_boot) for q in top}
+    top_x = r.params(top[-1]) / n_scale if top else math.nan
+    dp = r.distilled.preset
+    distill_x = r.params(dp) / n_scale if dp in r.sizes else None
+    gains = story_gains(table, r.k_max, top_x, distill_x, n_boot) if top else {}
+    per_n = {q: story_gains(table, r.k_max, r.params(q) / n_scale, None, n_boot) for q in top}
     return Analysis(table, n_unit, d_unit, size_laws, per_k, joint, data_law, effs, headline_efficiencies(effs), gains,
                     per_n, local)
 

@@ -21,6 +21,8 @@ from bench.science.analysis import (
 from bench.science.fits import FitError, data_efficiency
 from bench.science.report import joint_limit_table
 
+pytestmark = pytest.mark.fast
+
 
 def cell_rows(rng, recipe, x, m, A, B, C, member_sd=0.02, subset_sd=0.002, kmax=None):
     alpha = rng.normal(0, member_sd, m)

@@ -21,6 +21,8 @@ from bench.science.calibration import (
 )
 from bench.science.fits import fit_power_law
 
+pytestmark = pytest.mark.fast
+
 SMALL = MarkovSource(symbols=16, documents=300, p_end=0.02, seed=3)
 
 

@@ -18,6 +18,8 @@ from bench.science.fits import (
 )
 from bench.science.least_squares import fit_power_law_batch, tokens_for_loss
 
+pytestmark = pytest.mark.fast
+
 
 @pytest.mark.parametrize("A,B,C", [(0.05, 1.02, 3.43), (2.0, 0.25, 3.0), (0.3, 0.5, 5.2)])
 def test_recovers_known_law_from_noiseless_points(A, B, C):

@@ -4,10 +4,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from bench.science.fits import data_efficiency, fit_joint_limit, fit_power_law
 from bench.science.report import (efficiency_table, fit_table, joint_limit_table, markdown_table, plot_data_efficiency,
                           plot_scaling)
+
+pytestmark = pytest.mark.fast
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

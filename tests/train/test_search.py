@@ -26,6 +26,7 @@ def bowl(optimum, scale=(1.0, 1.0, 1.0)):
     return objective
 
 
+@pytest.mark.fast
 def test_ladders_follow_the_papers_grids():
     assert [ladder_step("epochs", 16, 1), ladder_step("epochs", 16, -1), ladder_step("epochs", 1, -1)] == [32, 8, None]
     assert [ladder_step("lr", 3e-3, 1), ladder_step("lr", 1e-2, 1), ladder_step("lr", 1e-3, -1)] == [1e-2, 3e-2, 3e-4]
@@ -36,6 +37,7 @@ def test_ladders_follow_the_papers_grids():
         assert [ladder_step(axis, v, 1) for v in grid[:-1]] == list(grid[1:]), axis
 
 
+@pytest.mark.fast
 def test_interior_optimum_is_certified_with_all_six_neighbours_worse():
     objective = bowl((8, 1e-3, 0.8))
     d = descend(SearchSpace.default(), (2, 1e-2, 0.1), objective)
@@ -45,6 +47,7 @@ def test_interior_optimum_is_certified_with_all_six_neighbours_worse():
     assert all(d.losses[q] > d.loss for q in neighbours)  # the rule, checked on what ran
 
 
+@pytest.mark.fast
 def test_edge_optimum_extends_the_grid_and_is_found_beyond_it():
     # the true optimum is past the grid's top wd (6.4) and epochs (64): the grid grows to reach it
     space = SearchSpace(epochs=(8, 16), lrs=(3e-3,), wds=(0.8, 1.6))
@@ -54,6 +57,7 @@ def test_edge_optimum_extends_the_grid_and_is_found_beyond_it():
     assert {1e-3, 1e-2} <= set(d.space.lrs)  # the single-valued lr axis was extended both ways and checked
 
 
+@pytest.mark.fast
 def test_optimum_at_a_limit_is_never_certified():
     space = SearchSpace(epochs=(8, 16), lrs=(3e-3,), wds=(0.8, 1.6, 3.2),
                         limits=((1, 16), (1e-4, 1e-1), (0.0, 3.2)))
@@ -64,6 +68,7 @@ def test_optimum_at_a_limit_is_never_certified():
     assert descend(space, (8, 3e-3, 0.8), bowl((8, 3e-3, 1.6))).certified
 
 
+@pytest.mark.fast
 def test_a_tie_or_running_out_of_rounds_is_not_certified():
     flat = lambda points: {p: 1.0 for p in points}
     d = descend(SearchSpace.default(), (8, 1e-3, 0.8), flat)
@@ -72,6 +77,7 @@ def test_a_tie_or_running_out_of_rounds_is_not_certified():
     assert not d.certified and "after 2 rounds" in d.reason
 
 
+@pytest.mark.fast
 def test_standard_recipe_fixes_wd_and_certifies_on_four_neighbours():
     objective = bowl((4, 3e-3, 3.2))  # its wd optimum is elsewhere: the standard recipe must not move wd
     d = descend(SearchSpace.standard(), (16, 1e-3, 0.1), objective)
@@ -79,6 +85,7 @@ def test_standard_recipe_fixes_wd_and_certifies_on_four_neighbours():
     assert {p[2] for p in objective.asked} == {0.1}
 
 
+@pytest.mark.fast
 def test_neighbours_and_joint_recipe():
     space = SearchSpace(epochs=(1, 2, 4), lrs=(1e-3, 3e-3), wds=(0.1, 0.8, 1.6), limits=((1, 4), (1e-3, 3e-3), (0.1, 1.6)))
     neighbours, edges, _ = space.neighbours((2, 1e-3, 0.8))
