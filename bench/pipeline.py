@@ -7,62 +7,103 @@ smallest profile, bench/profiles/main.json.
 
 OUT/REPORT.md puts standard, regularized, ensemble and student side by side, each gain with its 95% interval
 over seeds. Every stage is skipped when a re-run finds its output complete, so running the job twice reuses
-finished stages and a killed job continues where it stopped. The flags below override the profile's settings;
-a directory holding a job of other settings is refused (use another --out).
+finished stages and a killed job continues where it stopped. Every field of the profile (--profile, default
+main) has a flag that overrides it, its default the selected profile's value (--profile NAME --help shows that
+profile's); a directory holding a job of other settings is refused (use another --out).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import textwrap
+import types
+import typing
 from pathlib import Path
 
 from bench.study.job import StudyConfig, run_study
-from bench.study.profile import StudyError, load_profile, validate_profile
+from bench.study.profile import StudyError, StudyProfile, load_profile, validate_profile
 from plumbing.console import exit_on, setup_logging
 
+# fields that are not settings to override: the profile's identity, and its corpus (--corpus takes files)
+NOT_FLAGS = ("name", "description", "corpus")
+RECIPE_GRIDS = ("epochs", "lrs", "wds")  # a profile that does not search trains at `start`; these follow it
 
-def main(argv: list[str] | None = None) -> None:
-    d = load_profile("main")
-    p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__,
+
+def _value(text: str):
+    """A flag's value as JSON (numbers, true/false, null, lists) or, when it is not JSON, the string itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _nargs(annotation) -> int | str | None:
+    """How many words a field's flag takes: '*' for a variable tuple, n for a fixed tuple of scalars, None for one
+    word (a scalar, or JSON for a nested value such as `limits` or `calibration`)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = options[0] if len(options) == 1 else None
+    if typing.get_origin(annotation) is tuple:
+        items = typing.get_args(annotation)
+        if items and items[-1] is Ellipsis:
+            return "*"
+        if not any(typing.get_origin(i) is tuple for i in items):
+            return len(items)
+    return None
+
+
+def build_parser(profile: StudyProfile) -> argparse.ArgumentParser:
+    """The job's flags and one flag per field of the profile, each field's default (and help) the profile's."""
+    p = argparse.ArgumentParser(prog="python -m bench.pipeline", description=__doc__, allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/main", help="output directory (default runs/main)")
     p.add_argument("--profile", default="main", help="profile name or JSON file (default main)")
+    p.add_argument("--out", default="runs/main", help="output directory (default runs/main)")
     p.add_argument("--corpus", nargs="+", default=[], help="corpus files/directories (default: the built-in corpus)")
-    p.add_argument("--preset", help=f"member size (default {d.presets[0]})")
-    p.add_argument("--tokens", type=int, help=f"token budget D (default {d.tokens:,})")
-    p.add_argument("--epochs", type=int, help=f"member epochs (default {d.start[0]})")
-    p.add_argument("--lr", type=float, help=f"learning rate (default {d.start[1]:g})")
-    p.add_argument("--wd", type=float, help=f"the regularized recipe's weight decay (default {d.start[2]:g}; "
-                                            "the standard recipe's is 0.1)")
-    p.add_argument("--k", type=int, help=f"ensemble members (default {d.k_max})")
-    p.add_argument("--seeds", type=int, help=f"seeds per recipe (default {d.seeds})")
-    p.add_argument("--w", type=float, help=f"synthetic share of the student's batches (default {d.distill_w})")
-    p.add_argument("--student-epochs", type=int, help=f"student epochs over the real tokens (default {d.student_epochs})")
-    p.add_argument("--students", type=int, help=f"student seeds (default {d.student_seeds})")
     p.add_argument("--tasks", nargs="*", default=[], help="extra downstream task files (JSON lines)")
     p.add_argument("--address", help="Ray cluster address (default: a local Ray)")
     p.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples (default 200)")
-    args = p.parse_args(argv)
-    setup_logging()
+    fields = p.add_argument_group(
+        f"profile fields (bench.study.profile.StudyProfile; defaults: profile {profile.name})",
+        textwrap.fill(
+            "Values are JSON (3, 0.5, true, null) or plain words (cpu-xs); a field of several values takes them as "
+            "separate words. The job validates the result like a profile file." + (
+                "" if profile.search else f" Profile {profile.name} does not search: --start sets the recipe, and "
+                f"the grids {', '.join(RECIPE_GRIDS)} follow it."), 110))
+    for name, field in StudyProfile.model_fields.items():
+        if name in NOT_FLAGS:
+            continue
+        value = json.dumps(profile.recorded()[name])
+        fields.add_argument(f"--{name.replace('_', '-')}", dest=name, nargs=_nargs(field.annotation), type=_value,
+                            metavar=name.upper(), help=f"{field.description} (default {value})".replace("%", "%%"))
+    return p
+
+
+def overrides(profile: StudyProfile, args: argparse.Namespace) -> dict:
+    """The fields the command line sets; for a profile that does not search, --start sets the grids as well."""
+    changed = {name: getattr(args, name) for name in StudyProfile.model_fields
+               if name not in NOT_FLAGS and getattr(args, name) is not None}
+    if not profile.search:
+        if given := [f"--{g}" for g in RECIPE_GRIDS if g in changed]:
+            raise StudyError(f"profile {profile.name} does not search: {', '.join(given)} set search grids; set "
+                             "its recipe with --start EPOCHS LR WD")
+        if "start" in changed:
+            changed.update(zip(RECIPE_GRIDS, ([v] for v in changed["start"])))
+    return changed
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--profile", default="main")
     with exit_on():  # every stage's input errors derive from ChorusError and name the problem
-        profile = load_profile(args.profile)
-        e, lr, wd = profile.start
-        e, lr, wd = args.epochs or e, args.lr or lr, args.wd if args.wd is not None else wd
-        preset = args.preset or profile.presets[-1]
-        override = {"start": (e, lr, wd), "epochs": (e,), "lrs": (lr,), "wds": (wd,)}
-        if args.preset:
-            override.update(presets=(preset,), distill_preset=preset)
-        for flag, field in (("tokens", "tokens"), ("k", "k_max"), ("seeds", "seeds"), ("w", "distill_w"),
-                            ("student_epochs", "student_epochs"), ("students", "student_seeds")):
-            if getattr(args, flag) is not None:
-                override[field] = getattr(args, flag)
-        if profile.search and any(getattr(args, f) is not None for f in ("epochs", "lr", "wd")):
-            raise StudyError(f"profile {profile.name} searches its settings: --epochs/--lr/--wd apply to a profile "
-                             "with \"search\": false")
-        if profile.search:
-            override = {k: v for k, v in override.items() if k not in ("start", "epochs", "lrs", "wds")}
-        profile = validate_profile({**profile.model_dump(), **override}, f"profile {profile.name} with these flags")
-        command = "bash scripts/demo.sh " + " ".join(sys.argv[1:] if argv is None else argv)
+        profile = load_profile(first.parse_known_args(argv)[0].profile)
+        args = build_parser(profile).parse_args(argv)
+        setup_logging()
+        if changed := overrides(profile, args):
+            flags = " ".join(f"--{k.replace('_', '-')}" for k in changed)
+            profile = validate_profile({**profile.model_dump(), **changed}, f"profile {profile.name} with {flags}")
+        command = "bash scripts/demo.sh " + " ".join(argv)
         cfg = StudyConfig(profile=profile, out=args.out, corpus=tuple(args.corpus), address=args.address,
                           n_boot=args.n_boot, tasks=tuple(args.tasks), command=command.strip())
         run_study(cfg)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,3 +109,62 @@ def test_a_bad_profile_is_named_with_its_field(tmp_path, bad, message):
     with pytest.raises(StudyError, match="bad.json") as e:
         load_profile(str(path))
     assert message in str(e.value)
+
+
+# ---- the main job's command line: one flag per profile field, defaults from the selected profile ---------------
+
+def run_pipeline(argv, tmp_path, monkeypatch) -> list:
+    """bench.pipeline.main with the study replaced by a recorder of the StudyConfig it would run."""
+    import bench.pipeline
+
+    ran = []
+
+    def record(cfg):
+        ran.append(cfg)
+        (Path(cfg.out)).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out) / "REPORT.md").write_text("# report\n")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(bench.pipeline, "run_study", record)
+    bench.pipeline.main(argv)
+    return ran
+
+
+def test_the_main_job_without_flags_runs_the_main_profile_unchanged(tmp_path, monkeypatch):
+    [cfg] = run_pipeline([], tmp_path, monkeypatch)
+    assert cfg.profile == load_profile("main") and cfg.out == "runs/main"  # so runs/main resumes
+    assert cfg.command == "bash scripts/demo.sh"
+
+
+def test_flags_set_profile_fields_and_start_sets_a_fixed_recipe(tmp_path, monkeypatch):
+    [cfg] = run_pipeline(["--start", "8", "0.001", "1.6", "--k-max", "2", "--presets", "cpu-xxs", "--distill-preset",
+                          "cpu-xxs", "--serve-check", "false", "--eval-limit", "null", "--out", "o"],
+                         tmp_path, monkeypatch)
+    p = cfg.profile
+    assert (p.start, p.epochs, p.lrs, p.wds) == ((8, 0.001, 1.6), (8,), (0.001,), (1.6,))
+    assert (p.k_max, p.presets, p.distill_preset, p.serve_check, p.eval_limit) == (2, ("cpu-xxs",), "cpu-xxs",
+                                                                                  False, None)
+    assert p.tokens == load_profile("main").tokens  # the rest is the profile's
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "8"], "does not search: --epochs"),  # a grid of a profile that trains at `start`
+    (["--presets", "cpu-s"], "field 'distill_preset'"),  # validated like a profile file
+    (["--seeds", "1"], "field 'seeds'"),
+    (["--profile", "nope"], "no study profile 'nope'"),
+])
+def test_bad_flags_are_refused_naming_the_field(argv, message, tmp_path, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        run_pipeline(argv, tmp_path, monkeypatch)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_help_shows_the_selected_profiles_values(capsys):
+    import bench.pipeline
+
+    for name in ("main", "wiki-100k"):
+        with pytest.raises(SystemExit):
+            bench.pipeline.main(["--profile", name, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert f"the main budget D (default {load_profile(name).tokens})" in text
+        assert "--k-max" in text and "--soft-blend" in text and "--name" not in text
