@@ -10,16 +10,16 @@ from bench.science.fits import data_efficiency, fit_joint_limit, fit_power_law
 from bench.science.report import (efficiency_table, fit_table, joint_limit_table, markdown_table, plot_data_efficiency,
                           plot_scaling)
 
-pytestmark = pytest.mark.fast
-
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.fast
 def test_markdown_table_formats_cells():
     table = markdown_table(["name", "value"], [["a|b", 3.14159265], ["c", float("nan")]])
     assert table.splitlines() == ["| name | value |", "|---|---|", "| a\\|b | 3.142 |", "| c | n/a |"]
 
 
+@pytest.mark.fast
 def test_fit_tables_show_uncertainty_and_flags():
     n = np.array([0.15, 0.3, 0.6, 1.4, 2.8])
     good = fit_power_law(n, 0.05 / n + 3.43, n_boot=20)
@@ -33,6 +33,7 @@ def test_fit_tables_show_uncertainty_and_flags():
     assert "4.50x" in efficiency_table({"joint": data_efficiency(law, 2.0 / 0.9**0.25 + 3.0, 0.2)})
 
 
+@pytest.mark.fast
 def test_plots_are_png(tmp_path):
     n = np.repeat([0.15, 0.3, 0.6, 1.4], 2)
     loss = 0.05 / n + 3.43 + np.tile([0.002, -0.002], 4)
@@ -48,6 +49,8 @@ def test_plots_are_png(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
+# Not in the fast tier: each `python -m bench` imports torch and transformers (read_points reads through
+# bench.evaluation.downstream), about 15 s of imports per run.
 def test_cli_fit_and_report(tmp_path):
     points = tmp_path / "points.jsonl"
     records = [{"recipe": "regularized", "n": n, "loss": 0.05 / n + 3.43} for n in (0.15, 0.3, 0.6, 1.4, 2.8)]
@@ -96,6 +99,7 @@ def _claims(reg_curve, self_gain):
     return rows
 
 
+@pytest.mark.fast
 def test_claims_table_withholds_numbers_from_a_flagged_law_and_calls_reversals_contradicted():
     good = _claims(lambda n: 0.1 / n**0.5 + 3.0, self_gain=0.1)
     # control: every law passes its lack-of-fit test, so the verdicts are computed from the intervals
@@ -114,6 +118,7 @@ def test_claims_table_withholds_numbers_from_a_flagged_law_and_calls_reversals_c
     assert "| contradicted" in bad["(f) self-distillation beats its teacher"]
 
 
+@pytest.mark.fast
 def test_efficiency_table_says_why_a_multiplier_is_not_quoted():
     d = np.repeat([0.2, 0.4, 0.8, 1.6, 3.2], 3)
     noise = np.tile([0.004, 0.0, -0.004], 5)
@@ -142,6 +147,7 @@ def _cpt_results(standard_curve) -> dict:
             "forgetting_wiki_loss": {"base": 5.0}, "evaluations": rows, "wall_s": 60.0}
 
 
+@pytest.mark.fast
 def test_cpt_report_only_withholds_the_flagged_law_and_quotes_local_multipliers(tmp_path):
     from bench.cpt_study import report_only
 
