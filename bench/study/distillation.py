@@ -54,7 +54,6 @@ def heldout_next_word(data_dir: Path, n: int, choices: int = 4, seed: int = 0) -
     return items
 
 
-
 class DistillationPhases:
     """The phases that use the trained members as teachers and products; mixed into bench.study.job.Study, which
     holds the state they use (cfg, p, out, data_dir, results, evals, trained, train, base_config)."""

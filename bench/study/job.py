@@ -20,6 +20,8 @@ PARTIAL_REPORT_EVERY_S = 300  # a phase ending this long after the last report w
 
 @dataclass(frozen=True)
 class StudyConfig:
+    """One invocation of a study: the profile and where and how this run of it works."""
+
     profile: StudyProfile
     out: str
     corpus: tuple[str, ...] = ()  # overrides the profile's corpus
@@ -30,7 +32,6 @@ class StudyConfig:
     tasks: tuple[str, ...] = ()  # extra downstream task files
     command: str = ""
     past_gate: bool = False  # run the study on after a failed gate (the report keeps the verdict)
-
 
 
 class Study(TrainingPhases, DistillationPhases):
@@ -63,8 +64,6 @@ class Study(TrainingPhases, DistillationPhases):
             self.results["phases_done"].append(phase)
         atomic_write_json(self.results_path, self.results)
 
-    # -- training through train/'s ledgers
-
     def run(self) -> dict:
         last_report = time.monotonic()
         for i, phase in enumerate(PHASES, 1):
@@ -85,7 +84,6 @@ class Study(TrainingPhases, DistillationPhases):
         log.info("study complete: %s (this invocation trained %d runs, evaluated %d models)",
                  self.out / "REPORT.md", self.trained, self.evals.computed)
         return self.results
-
 
 
 def run_study(cfg: StudyConfig) -> dict:

@@ -35,7 +35,6 @@ def gate_verdict(small: float, large: float, standard_by_epochs: dict[int, float
     return {"passed": all(c["passed"] for c in checks), "checks": checks}
 
 
-
 # ---- bookkeeping: the evaluation cache --------------------------------------------------------------
 
 def model_ids(model_dirs: list[str]) -> list[list]:
@@ -51,10 +50,11 @@ def model_ids(model_dirs: list[str]) -> list[list]:
     return [[str(d), weights_sha256(d)] for d in model_dirs]
 
 
-
 class TrainingPhases:
     """The phases that train and evaluate single models and their ensembles; mixed into bench.study.job.Study,
     which holds the state they use (cfg, p, out, data_dir, results, evals, trained)."""
+
+    # -- training through train/'s ledgers
 
     def base_config(self, preset: str, tokens: int):
         from train.trainer import TrainConfig
