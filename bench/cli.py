@@ -69,22 +69,19 @@ def cmd_downstream(args) -> None:
         print(json.dumps({"task": name, **r}))
 
 
-def fit_points(args) -> tuple[dict[str, tuple[list, list]], dict]:
-    """The points file's series and the law L = A / x^B + C fitted to each."""
-    series = read_points(args.points, args.x, args.y, args.series)
-    return series, {name: fit_power_law(xs, ys, n_boot=args.n_boot) for name, (xs, ys) in series.items()}
-
-
 def cmd_fit(args) -> None:
     from bench.science.report import fit_table
 
-    print(fit_table(fit_points(args)[1], args.x), end="")
+    series = read_points(args.points, args.x, args.y, args.series)
+    fits = {name: fit_power_law(xs, ys, n_boot=args.n_boot) for name, (xs, ys) in series.items()}
+    print(fit_table(fits, args.x), end="")
 
 
 def cmd_report(args) -> None:
     from bench.science.report import efficiency_table, fit_table, plot_data_efficiency, plot_scaling, write_text
 
-    series, fits = fit_points(args)
+    series = read_points(args.points, args.x, args.y, args.series)
+    fits = {name: fit_power_law(xs, ys, n_boot=args.n_boot) for name, (xs, ys) in series.items()}
     out = Path(args.out)
     plot_scaling({n: (*series[n], fits[n]) for n in series}, out / "scaling.png", args.xlabel or args.x,
                  f"loss vs {args.xlabel or args.x}: L = A / x^B + C")

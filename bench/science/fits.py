@@ -22,11 +22,8 @@ resampled curves as `boot_y`. With one value per x the points are resampled inst
 Intervals are `Interval`s: a degenerate one (every resample gives the same value, e.g. noiseless
 input) says so in words; a printed interval never reads [x, x].
 
-Lack of fit: a bootstrap interval assumes the law holds; every identified fit also tests its residuals
-against the replicate noise (bench.science.least_squares: an F test against pure error with seeds at each x,
-a parametric-bootstrap version with resampled curves from the caller). p < LACK_OF_FIT_ALPHA flags the law,
-and a flagged law feeds no headline (`DataEfficiency.headline`).
-
+Lack of fit: a bootstrap interval assumes the law holds, so every identified fit also tests its residuals
+against the replicate noise; p < LACK_OF_FIT_ALPHA flags the law, and a flagged law feeds no headline.
 
 A fit never fails silently: anything that makes its asymptote untrustworthy (too few points, C at a
 bound or above the data, a degenerate exponent, lack of fit) is written into `flags`, and every report prints

@@ -20,7 +20,6 @@ import numpy as np
 from bench.science.calibration import floor_rows
 from bench.science.fits import LACK_OF_FIT_ALPHA, DataEfficiency, JointLimitFit, PowerLawFit
 from bench.science.verdicts import (
-    PAPER,
     answers_section,
     claim_rows,
     fitted_laws,
@@ -273,7 +272,7 @@ def baseline_sizes_text(results: dict) -> str:
 
 def _main_table(results: dict, a, out: Path) -> list[str]:
     parts = ["## Scaling laws (bench.science.fits via bench.science.analysis)\n"]
-    if len(a.size_laws.get("regularized", _NoFit()).x) < 2:
+    if "regularized" not in a.size_laws or len(a.size_laws["regularized"].x) < 2:
         return parts + ["One model size: no law over N at this profile.\n"]
     parts.append(fit_table({f"{r} over N": f for r, f in a.size_laws.items()}, f"N, {a.n_unit}"))
     plot_scaling({r: (list(f.x), list(f.y), f) for r, f in a.size_laws.items()}, out / "loss_vs_n.png",
@@ -294,8 +293,7 @@ def _main_table(results: dict, a, out: Path) -> list[str]:
     return parts
 
 
-class _NoFit:
-    x = ()
+PAPER_EFFICIENCY = {"regularized": 2.29, "joint": 5.17}  # ../shared/docs/paper-recipe.md, at 200M tokens
 
 
 def efficiency_section(results: dict, a, out: Path) -> list[str]:
@@ -304,7 +302,7 @@ def efficiency_section(results: dict, a, out: Path) -> list[str]:
     parts = ["## Data efficiency (against the standard recipe's data law)\n", baseline_sizes_text(results) + "\n\n",
              fit_table({"standard recipe, best N at each D": a.data_law}, f"D, {a.d_unit}"), "\n",
              efficiency_table(a.efficiencies)]
-    paper = "Paper: " + ", ".join(f"{v:.2f}x {k}" for k, v in PAPER["efficiency"].items()) + "."
+    paper = "Paper: " + ", ".join(f"{v:.2f}x {k}" for k, v in PAPER_EFFICIENCY.items()) + "."
     if a.headline:
         parts.append("\nHeadline (identified law, inside its fitted range): " + "; ".join(
             f"{name}: {e.multiplier()}" for name, e in a.headline.items()) + f" (none rests on a flagged law). {paper}\n")
@@ -316,7 +314,7 @@ def efficiency_section(results: dict, a, out: Path) -> list[str]:
         quoted = "; ".join(f"{n}: {e.multiplier()}" for n, e in local.items() if e.headline) or "none"
         parts += ["\n### Local multipliers: equal-loss D between measured budgets (no law)\n",
                   "The standard recipe's seed-mean loss at the two measured budgets that bracket L, log D read linearly "
-                  "in loss between them (bench.science.fits.equal_loss_tokens); outside the measured losses nothing is quoted. "
+                  "in loss between them (bench.science.analysis.equal_loss_tokens); outside the measured losses nothing is quoted. "
                   "The interval pairs resampled baseline seeds with the loss's own draws.\n\n",
                   efficiency_table(local), f"\nLocal multipliers inside the measured budgets: {quoted}. {paper}\n"]
     plot_data_efficiency(a.data_law, {n: e for n, e in a.efficiencies.items() if math.isfinite(e.loss)},

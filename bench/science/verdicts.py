@@ -15,11 +15,7 @@ import numpy as np
 
 from bench.science.fits import Interval, JointLimitFit, PowerLawFit
 
-PAPER = {  # ../shared/docs/paper-recipe.md, at 200M tokens
-    "regularized": 3.43, "ensemble": 3.34, "joint": 3.17, "standard": 3.75,
-    "efficiency": {"regularized": 2.29, "joint": 5.17}, "student_kept": 0.83,
-}
-PAPER_SCALE = "150M-1.4B parameters on 200M tokens"
+PAPER_SCALE = "150M-1.4B parameters on 200M tokens"  # ../shared/docs/paper-recipe.md
 
 
 def percent(fraction: float) -> str:
