@@ -70,7 +70,6 @@ class FitError(ChorusError):
     """Input that no power law can be fitted to (NaN, non-positive x, mismatched lengths)."""
 
 
-
 # ---- intervals ------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
