@@ -5,7 +5,8 @@ import argparse
 import json
 
 from distill.student import RECIPES, DistillConfig, distill
-from train.cli import add_train_args, check_preset, train_config_from_args
+from train.cli import add_seed_arg, add_train_args, check_preset, train_config_from_args
+from plumbing.config_flags import add_flags, from_args
 from plumbing.console import exit_on, setup_logging
 
 
@@ -18,21 +19,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "Resumable: re-run the same command after a kill. The student lands in OUT/model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_train_args(parser)
-    parser.add_argument("--synthetic", help="synthetic data directory (synthdata's output); may be left out with --w 0 "
-                                            "and --annotations")
-    parser.add_argument("--recipe", choices=list(RECIPES), default="ensemble",
-                        help="ensemble: teacher is a K>=2 ensemble; self: teacher is one member of the student's "
-                             "size; synthetic-only: the collapse ablation (default ensemble)")
-    parser.add_argument("--w", type=float,
-                        help="synthetic weight in [0, 1) (default: " + ", ".join(f"{r} {w}" for r, w in RECIPES.items()) + ")")
-    parser.add_argument("--blend", type=float, default=0.0,
-                        help="soft labels: loss = (1 - blend) x CE + blend x KL(teacher top-k || student) where the "
-                             "teacher's top-k is known (synthetic shards made with --topk, --annotations); default 0: "
-                             "the paper's sequence-level recipe (CE on sampled tokens)")
-    parser.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default 1)")
-    parser.add_argument("--annotations",
-                        help="the teacher's top-k over the real training windows (`python -m synthdata annotate`)")
-    parser.add_argument("--seed", type=int, default=0, help="student initialisation and mixture seed (default 0)")
+    # DistillConfig's fields; their help is worded here until it moves onto the fields.
+    add_flags(parser, DistillConfig, ["synthetic_dir", "recipe", "w", "blend", "temperature", "annotations"],
+              rename={"synthetic_dir": "--synthetic"},
+              override={"synthetic_dir": {"default": None}, "recipe": {"choices": list(RECIPES)}}, help={
+        "synthetic_dir": "synthetic data directory (synthdata's output); may be left out with --w 0 and --annotations",
+        "recipe": "ensemble: teacher is a K>=2 ensemble; self: teacher is one member of the student's size; "
+                  "synthetic-only: the collapse ablation (default %(default)s)",
+        "w": "synthetic weight in [0, 1) (default: " + ", ".join(f"{r} {w}" for r, w in RECIPES.items()) + ")",
+        "blend": "soft labels: loss = (1 - blend) x CE + blend x KL(teacher top-k || student) where the teacher's "
+                 "top-k is known (synthetic shards made with --topk, --annotations); default %(default)g: the "
+                 "paper's sequence-level recipe (CE on sampled tokens)",
+        "temperature": "KD temperature (default %(default)g)",
+        "annotations": "the teacher's top-k over the real training windows (`python -m synthdata annotate`)"})
+    add_seed_arg(parser, "student initialisation and mixture seed (default %(default)s)")
     parser.add_argument("--out", required=True, help="run directory; the student lands in OUT/model")
     parser.add_argument("--address", help="Ray cluster address: train the student as one Ray task on a node of that "
                                           "cluster (every path must be on storage all nodes share); default: here")
@@ -44,9 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(args.verbose)
     with exit_on():
         check_preset(args)
-        cfg = DistillConfig(train=train_config_from_args(args, args.seed), synthetic_dir=args.synthetic,
-                            recipe=args.recipe, w=args.w, blend=args.blend, temperature=args.temperature,
-                            annotations=args.annotations)
+        cfg = from_args(DistillConfig, args, train=train_config_from_args(args, args.seed))
         if args.address:
             from plumbing.ray_session import run_as_task
 

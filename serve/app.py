@@ -3,18 +3,18 @@
 Nothing here speaks the protocol by hand. Each replica starts one AsyncLLM on the ensemble directory and
 builds vLLM's FastAPI app over it (the same routes, validation, errors, streaming and API-key middleware
 as `python -m vllm.entrypoints.openai.api_server`): /v1/models, /v1/completions, /v1/chat/completions,
-/health, ... Ray Serve routes HTTP to the replicas; `EnsembleConfig` is the whole configuration.
+/health, ... behind this endpoint's own guards (serve/middleware.py). Ray Serve routes HTTP to the replicas.
+`EnsembleConfig` is the whole configuration, in three sections: each replica's engine, the Serve deployment,
+and the HTTP side (address, key, per-request limits); `serve up`'s flags are derived from its fields.
 """
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import errno
 import hashlib
 import json
 import logging
 import os
-import re
 import secrets
 import socket
 import time
@@ -23,12 +23,14 @@ from pathlib import Path
 
 import httpx
 
-from serve.draft import check_draft, speculative_config
+from serve.draft import DRAFT_SAMPLING, check_draft, speculative_config
 from serve.engine import engine_dtype
+from serve.middleware import INSTANCE_HEADER, ApiKeyGuard, RequestLimits, TextGuard
 from serve.pack import PackError, check_weights, read_config
+from plumbing.config_flags import flag_name, setting
 from plumbing.console import ChorusError
 from plumbing.ray_session import (NO_TELEMETRY_ENV, connect_ray, disconnect_ray, is_loopback,
-                               keep_serve_replica_on_loopback)
+                                  keep_serve_replica_on_loopback)
 
 log = logging.getLogger(__name__)
 
@@ -48,356 +50,133 @@ class ServeError(ChorusError, RuntimeError):
     """An endpoint that cannot start as asked (for example Serve already running on another port)."""
 
 
-# What one request may ask for, and how long it may take (README, "Endpoint limits"). Each has a `serve up` flag.
-LIMIT_FLAGS = {"max_body_bytes": "--max-body-bytes", "max_n": "--max-n", "max_prompts": "--max-prompts",
-               "max_request_tokens": "--max-request-tokens", "max_logprobs": "--max-logprobs",
-               "request_timeout_s": "--request-timeout-s", "max_ongoing_requests": "--max-ongoing-requests",
-               "max_queued_requests": "--max-queued-requests"}
+@dataclass(frozen=True)
+class EngineSettings:
+    """Each replica's vLLM engine (`EnsembleConfig.vllm_cli_args`)."""
+    max_model_len: int | None = setting(None, "context length (default: the model's)")
+    kv_cache_gib: float = setting(1.0, "KV cache per replica in GiB (default %(default)g)")  # the CPU build needs it
+    max_num_seqs: int = setting(64, "sequences batched at once per replica (default %(default)s)")
+    # Eager by default: on the CPU an engine then starts in seconds instead of minutes.
+    compile: bool = setting(False, "let vLLM torch.compile the model (slow start; default eager)")
+    seed: int = 0
+    # Speculative decoding (serve/draft.py): a small model sharing the tokenizer drafts, the ensemble verifies.
+    draft: str | None = setting(None, "draft model directory: the distilled student from `distill` (intended), a "
+                                      "member, or any Llama sharing the tokenizer (another tokenizer is refused)")
+    num_speculative_tokens: int = setting(4, "tokens the draft proposes per step (default %(default)s)")
+    draft_max_batch: int | None = setting(None, "speculate only while at most this many sequences run; a fuller "
+                                                "batch decodes without the draft (default: always speculate)")
+    draft_sampling: str = setting(
+        "greedy", "greedy (default): the draft's most likely token, accepted with the ensemble's probability of it; "
+                  "seeded requests stay reproducible. probabilistic: a draw from the draft, accepted far more often "
+                  "when sampling with a close draft, but vLLM draws it without the request's seed (the output "
+                  "distribution is exact either way)", choices=DRAFT_SAMPLING)
+
+
+@dataclass(frozen=True)
+class DeploymentSettings:
+    """The Ray Serve deployment: how many replicas, where, and how much work each takes and queues."""
+    replicas: int = setting(1, "engine replicas (default %(default)s)")
+    cpus_per_replica: float = 1.0  # what Ray reserves; the engine's own processes do the work
+    max_replicas_per_node: int | None = setting(
+        None, "on a cluster: at most this many replicas per node (1: each replica on its own node, so a lost node "
+              "takes one replica)")
+    max_ongoing_requests: int | None = setting(
+        None, "requests a replica works on at once (default 4 x --max-num-seqs); more wait in the queue")
+    max_queued_requests: int = setting(  # per proxy
+        1024, "requests waiting for a replica; past it a 503 'dropped due to backpressure' (default %(default)s)")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP side: the address, the key, and what one request may ask for (4xx past a limit, naming it and its
+    flag; serve/middleware.py)."""
+    host: str = setting("127.0.0.1", "bind address (default %(default)s; any other needs a key or "
+                                     "--allow-unauthenticated)")
+    port: int = setting(8000, "HTTP port (default %(default)s)")
+    # The Bearer key every route but /health requires; never printed (`serve up`: from a file or $CHORUS_API_KEY).
+    api_key: str | None = field(default=None, repr=False)
+    allow_unauthenticated: bool = setting(False, "serve a --host other than loopback without a key (refused otherwise)")
+    max_body_bytes: int = setting(1 << 20, "request body size (413 past it; default %(default)s)")
+    max_n: int = setting(8, "n and best_of per request (default %(default)s)")
+    max_prompts: int = setting(256, "prompts (or conversations) in one request (default %(default)s)")
+    max_request_tokens: int = setting(65536, "prompts x n x max_tokens of one request; a missing max_tokens counts as "
+                                             "16 on /v1/completions, else as the context (default %(default)s)")
+    # Also vLLM's own --max-logprobs (EnsembleConfig.vllm_cli_args).
+    max_logprobs: int = setting(20, "logprobs / top_logprobs / prompt_logprobs (default %(default)s)")
+    # From the first byte of the body to the last of the answer.
+    request_timeout_s: float = setting(300.0, "a request not answered within this is cancelled with a 408 "
+                                              "(default %(default)g)")
+    instance: str = field(default="", repr=False)  # set by start_app: what this endpoint's /health answers with
+    # What a replica is given instead of the key (build_app): Serve stores its replicas' arguments on the Ray cluster.
+    api_key_sha256: str | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return endpoint_url(self.host, self.port)
 
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    model_dir: str
-    served_model_name: str | None = None  # default: the directory's name
-    replicas: int = 1
-    api_key: str | None = field(default=None, repr=False)  # Bearer key required on every route but /health (never printed)
-    host: str = "127.0.0.1"
-    allow_unauthenticated: bool = False  # serve a non-loopback host without an API key (refused otherwise)
-    port: int = 8000
-    max_model_len: int | None = None  # default: the members' context
-    # Speculative decoding (serve/draft.py): a small model sharing the tokenizer drafts, the ensemble verifies.
-    draft: str | None = None  # draft model directory (the distilled student); None: no speculation
-    num_speculative_tokens: int = 4  # tokens the draft proposes per step
-    draft_max_batch: int | None = None  # speculate only while at most this many sequences run (None: always)
-    draft_sampling: str = "greedy"  # or "probabilistic" (more accepted when sampling; request seeds not honoured)
-    kv_cache_bytes: int = 1 << 30  # per replica; the CPU build needs it explicitly
-    max_num_seqs: int = 64
-    enforce_eager: bool = True  # CPU: skip torch.compile, start in seconds instead of minutes
-    cpus_per_replica: float = 1.0  # what Ray reserves; the engine's own processes do the work
-    max_replicas_per_node: int | None = None  # on a cluster, 1 puts every replica on its own node
-    seed: int = 0
-    # Limits of one request (4xx past them, naming the limit and its flag) and of the queue (503 past it).
-    max_body_bytes: int = 1 << 20  # request body (413 past it)
-    max_n: int = 8  # n and best_of: completions per prompt
-    max_prompts: int = 256  # prompts (or conversations) in one request
-    max_request_tokens: int = 65536  # prompts x n x max_tokens (max_tokens absent: 16 for completions, else the context)
-    max_logprobs: int = 20  # logprobs, top_logprobs, prompt_logprobs (vLLM's own --max-logprobs too)
-    request_timeout_s: float = 300.0  # from the first byte of the body to the last of the answer (408 past it)
-    max_ongoing_requests: int | None = None  # per replica (default 4 x max_num_seqs); more wait in Serve's queue
-    max_queued_requests: int = 1024  # waiting in Serve's queue (per proxy); past it a 503 "dropped due to backpressure"
-    instance: str = field(default="", repr=False)  # set by start_app: what this endpoint's /health answers with
-    # What a replica is given instead of the key (build_app): Serve stores its replicas' arguments on the Ray cluster.
-    api_key_sha256: str | None = field(default=None, repr=False)
+    """An endpoint: the model directory it serves, under what name, and its three sections."""
+    model_dir: str = setting(help="ensemble directory from `pack`, or a plain member directory")
+    served_model_name: str | None = setting(None, "served model name (default: the directory's name)")
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    deployment: DeploymentSettings = field(default_factory=DeploymentSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     @property
     def model_name(self) -> str:
         return self.served_model_name or Path(self.model_dir).name
 
     def check(self) -> None:
-        if not is_loopback(self.host) and not self.api_key and not self.allow_unauthenticated:
-            raise ServeError(f"host {self.host} would serve the endpoint beyond this machine to anyone: give an API "
+        engine, deployment, http = self.engine, self.deployment, self.http
+        if not is_loopback(http.host) and not http.api_key and not http.allow_unauthenticated:
+            raise ServeError(f"host {http.host} would serve the endpoint beyond this machine to anyone: give an API "
                              f"key, or allow unauthenticated access explicitly (--allow-unauthenticated) if intended")
         read_config(self.model_dir)  # a clear error for a directory that is not a model
         check_weights(self.model_dir)  # a truncated, damaged or corrupt weights file is named before any engine starts
-        if self.draft is not None:
-            check_draft(self.model_dir, self.draft, self.max_model_len)  # another tokenizer or vocabulary: named
-            speculative_config(self.draft, self.num_speculative_tokens, self.draft_max_batch, self.max_num_seqs,
-                               self.draft_sampling)
-        if self.replicas < 1:
-            raise PackError(f"replicas must be >= 1 (got {self.replicas})")
-        if self.max_replicas_per_node is not None and self.max_replicas_per_node < 1:
-            raise PackError(f"max_replicas_per_node must be >= 1 (got {self.max_replicas_per_node})")
-        if not 0 < self.port < 65536:
-            raise PackError(f"port must be in 1..65535 (got {self.port})")
-        for name in ("max_body_bytes", "max_n", "max_prompts", "max_request_tokens", "max_logprobs",
-                     "max_queued_requests", "request_timeout_s"):
-            if not getattr(self, name) > 0:
-                raise ServeError(f"{LIMIT_FLAGS[name]} must be > 0 (got {getattr(self, name)})")
-        if self.max_ongoing_requests is not None and self.max_ongoing_requests < 1:
-            raise ServeError(f"--max-ongoing-requests must be >= 1 (got {self.max_ongoing_requests})")
+        if engine.draft is not None:
+            check_draft(self.model_dir, engine.draft, engine.max_model_len)  # another tokenizer or vocabulary: named
+            self.speculative_config()
+        if deployment.replicas < 1:
+            raise PackError(f"replicas must be >= 1 (got {deployment.replicas})")
+        if deployment.max_replicas_per_node is not None and deployment.max_replicas_per_node < 1:
+            raise PackError(f"max_replicas_per_node must be >= 1 (got {deployment.max_replicas_per_node})")
+        if not 0 < http.port < 65536:
+            raise PackError(f"port must be in 1..65535 (got {http.port})")
+        for section, name in [(http, "max_body_bytes"), (http, "max_n"), (http, "max_prompts"),
+                              (http, "max_request_tokens"), (http, "max_logprobs"),
+                              (deployment, "max_queued_requests"), (http, "request_timeout_s")]:
+            if not getattr(section, name) > 0:
+                raise ServeError(f"{flag_name(name)} must be > 0 (got {getattr(section, name)})")
+        if deployment.max_ongoing_requests is not None and deployment.max_ongoing_requests < 1:
+            raise ServeError(f"--max-ongoing-requests must be >= 1 (got {deployment.max_ongoing_requests})")
 
     @property
     def ongoing_requests(self) -> int:
-        return self.max_ongoing_requests or 4 * self.max_num_seqs
+        return self.deployment.max_ongoing_requests or 4 * self.engine.max_num_seqs
 
-    @property
-    def url(self) -> str:
-        return endpoint_url(self.host, self.port)
+    def speculative_config(self) -> dict:
+        engine = self.engine
+        return speculative_config(engine.draft, engine.num_speculative_tokens, engine.draft_max_batch,
+                                  engine.max_num_seqs, engine.draft_sampling)
 
     def vllm_cli_args(self) -> list[str]:
         """The configuration as `vllm serve` arguments: parsed by vLLM's own parser into its own Namespace.
         Built in the replica, so the dtype is the replica's device's (serve.engine.engine_dtype)."""
+        engine = self.engine
         argv = ["--model", str(Path(self.model_dir).resolve()), "--served-model-name", self.model_name,
-                "--dtype", engine_dtype(), "--kv-cache-memory-bytes", str(self.kv_cache_bytes),
-                "--max-num-seqs", str(self.max_num_seqs), "--seed", str(self.seed),
+                "--dtype", engine_dtype(), "--kv-cache-memory-bytes", str(int(engine.kv_cache_gib * (1 << 30))),
+                "--max-num-seqs", str(engine.max_num_seqs), "--seed", str(engine.seed),
                 "--chat-template", PLAIN_CHAT_TEMPLATE, "--distributed-executor-backend", "mp",
-                "--max-logprobs", str(self.max_logprobs)]
-        if self.max_model_len:
-            argv += ["--max-model-len", str(self.max_model_len)]
-        if self.draft is not None:
-            argv += ["--speculative-config", json.dumps(speculative_config(
-                self.draft, self.num_speculative_tokens, self.draft_max_batch, self.max_num_seqs, self.draft_sampling))]
-        if self.enforce_eager:
+                "--max-logprobs", str(self.http.max_logprobs)]
+        if engine.max_model_len:
+            argv += ["--max-model-len", str(engine.max_model_len)]
+        if engine.draft is not None:
+            argv += ["--speculative-config", json.dumps(self.speculative_config())]
+        if not engine.compile:
             argv.append("--enforce-eager")
         return argv  # no --api-key: ApiKeyGuard checks every route, and the key stays out of vLLM's args and logs
-
-
-class ApiKeyGuard:
-    """ASGI middleware: with an API key set, every route but /health needs 'Authorization: Bearer KEY'.
-
-    vLLM's own check guards only paths under /v1, /v2, /inference and /cohere; its app also serves
-    /invocations and /generative_scoring (inference), /tokenize, /metrics, /scale_elastic_ep, /docs, ...
-    which would otherwise answer anyone who can connect. CORS preflights (OPTIONS) pass, as in vLLM."""
-
-    open_paths = ("/health",)
-
-    def __init__(self, app, api_key_sha256: str):
-        self.app = app
-        self.key_sha256 = bytes.fromhex(api_key_sha256)
-
-    def authorized(self, scope) -> bool:
-        scheme, _, key = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
-        # Compare digests, in constant time: the key's length does not leak either.
-        return scheme.lower() == b"bearer" and secrets.compare_digest(hashlib.sha256(key).digest(), self.key_sha256)
-
-    async def __call__(self, scope, receive, send):
-        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
-        if (scope["type"] == "http" and scope["method"] != "OPTIONS" or scope["type"] == "websocket") \
-                and path not in self.open_paths and not self.authorized(scope):
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
-                return
-            body = json.dumps({"error": {"message": "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                                         "type": "Unauthorized", "param": None, "code": 401}}).encode()
-            await send({"type": "http.response.start", "status": 401,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await self.app(scope, receive, send)
-
-
-def error_reply(status: int, message: str, param: str | None = None) -> tuple[dict, bytes]:
-    """An ASGI response start and body in vLLM's error shape: {"error": {"message", "type", "param", "code"}}."""
-    body = json.dumps({"error": {"message": message, "type": "BadRequestError", "param": param,
-                                 "code": status}}).encode()
-    start = {"type": "http.response.start", "status": status,
-             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
-    return start, body
-
-
-def lone_surrogate_field(value, path: str = "") -> str | None:
-    """The path (e.g. `stop[1]`, `messages[0].content`, `logit_bias` for a key) of the first string or object
-    key in a parsed JSON value that holds a lone UTF-16 surrogate; None when every string is valid Unicode."""
-    if isinstance(value, str):
-        return (path or "(the body)") if _LONE_SURROGATE.search(value) else None
-    items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) else ()
-    for key, item in items:
-        if isinstance(key, str) and _LONE_SURROGATE.search(key):
-            return path or "(the body)"  # a key of this object: the object is the field to name
-        where = f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}" if path else key
-        if found := lone_surrogate_field(item, where):
-            return found
-    return None
-
-
-# After json.loads a surrogate pair is one character, so any surrogate left is a lone one.
-_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
-# A JSON body can only carry a surrogate as a \\uD800-\\uDFFF escape (raw surrogate bytes are not UTF-8).
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-class TextGuard:
-    """ASGI middleware: a JSON request holding a lone UTF-16 surrogate (`"\\ud800"`) in any string field of any
-    route gets a 400 that names the field, before vLLM sees it.
-
-    Such a string is valid JSON but not text: it cannot be encoded, so vLLM's tokenizer, stop-string and
-    bad-words handling fail on it deep inside the engine's input path, as a 500 (or, streaming, as a 200
-    with an error event). Only bodies that contain a surrogate escape are parsed here; every other request
-    passes untouched (its body replayed as it came)."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        body = await read_body(receive)
-        if isinstance(body, dict):  # the client left before sending it all: the app sees that
-            await self.app(scope, _replay([body], receive), send)
-            return
-        if _SURROGATE_ESCAPE.search(body):
-            try:
-                field = lone_surrogate_field(json.loads(body))
-            except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past Python's stack: vLLM's
-                field = None  # own parser answers those with a 400
-            if field:
-                start, reply = error_reply(400, f"field '{field}' holds a lone UTF-16 surrogate (a \\uD800-\\uDFFF "
-                                                f"escape without its pair), which is not text: send valid Unicode", field)
-                await send(start)
-                await send({"type": "http.response.body", "body": reply})
-                return
-        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
-
-
-class BodyTooLarge(Exception):
-    """A request body past the endpoint's max_body_bytes (read_body stops reading there)."""
-
-
-async def read_body(receive, limit: int | None = None) -> bytes | dict:
-    """A request's whole body from ASGI `receive`; or, when the client left before sending it all, the message
-    that said so (to replay to the app); BodyTooLarge as soon as more than `limit` bytes have come."""
-    chunks, size, more = [], 0, True
-    while more:
-        message = await receive()
-        if message["type"] != "http.request":
-            return message
-        chunks.append(message.get("body", b""))
-        size += len(chunks[-1])
-        if limit is not None and size > limit:
-            raise BodyTooLarge
-        more = message.get("more_body", False)
-    return b"".join(chunks)
-
-
-def _replay(first: list[dict], receive):
-    """An ASGI `receive` that gives the messages already read (`first`) before reading on."""
-    pending = list(first)
-
-    async def replay():
-        return pending.pop(0) if pending else await receive()
-
-    return replay
-
-
-INSTANCE_HEADER = b"x-chorus-instance"
-
-
-def limit_error(status: int, what: str, value, config: "EnsembleConfig", limit: str, param: str | None = None
-                ) -> tuple[dict, bytes]:
-    bound = getattr(config, limit)
-    return error_reply(status, f"{what} ({value}) is over this endpoint's limit of {bound} {limit} "
-                               f"(`serve up {LIMIT_FLAGS[limit]}` raises it)", param)
-
-
-def _int(value) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def request_over_limits(path: str, body: dict, config: "EnsembleConfig", context: int) -> tuple[dict, bytes] | None:
-    """The 400 for a parsed request body past one of the endpoint's per-request limits; None when within them.
-
-    Fields of the wrong type are left to vLLM's own validation (it answers those with a 400 too)."""
-    for key in ("n", "best_of"):
-        if (n := _int(body.get(key))) is not None and n > config.max_n:
-            return limit_error(400, f"'{key}'", n, config, "max_n", key)
-    for key in ("logprobs", "top_logprobs", "prompt_logprobs"):
-        if (k := _int(body.get(key))) is not None and (k > config.max_logprobs or k == -1):
-            return limit_error(400, f"'{key}'", "-1: the whole vocabulary" if k == -1 else k, config, "max_logprobs", key)
-    prompts, field_name = 1, "prompt"
-    if path.endswith("/chat/completions/batch") and isinstance(body.get("messages"), list):
-        prompts, field_name = len(body["messages"]), "messages"
-    elif isinstance(body.get("prompt"), list):
-        prompt = body["prompt"]
-        field_name = "prompt"
-        prompts = 1 if all(_int(t) is not None for t in prompt) else len(prompt)  # token ids are one prompt
-    if prompts > config.max_prompts:
-        return limit_error(400, f"the number of prompts in '{field_name}'", prompts, config, "max_prompts", field_name)
-    tokens_key = next((key for key in ("max_tokens", "max_completion_tokens", "max_output_tokens")
-                       if _int(body.get(key)) is not None), None)
-    if tokens_key is not None:
-        max_tokens = body[tokens_key]
-    else:  # vLLM's default: 16 on /v1/completions, else up to the context
-        tokens_key = "max_tokens"
-        max_tokens = 16 if path.endswith("/completions") and not path.endswith("chat/completions") else context
-    n = max(_int(body.get("n")) or 1, _int(body.get("best_of")) or 1)
-    if max_tokens > 0 and prompts * n * max_tokens > config.max_request_tokens:
-        return limit_error(400, f"the tokens it may generate, prompts x 'n' x '{tokens_key}' = {prompts} x {n} x "
-                                f"{max_tokens}", prompts * n * max_tokens, config, "max_request_tokens", tokens_key)
-    return None
-
-
-class RequestLimits:
-    """ASGI middleware: the endpoint's per-request limits, before vLLM sees the request, and its time limit.
-
-    - a body over `max_body_bytes` gets a 413 (judged by Content-Length when sent, else while reading);
-    - a JSON body asking for more than `max_n`, `max_prompts`, `max_request_tokens` or `max_logprobs` gets a
-      400 that names the field, the limit and the `serve up` flag that raises it;
-    - a request not answered in full within `request_timeout_s` (body read included, so a client that sends
-      its body slowly is cut off too) is cancelled, which aborts it in vLLM; it gets a 408, or, when streaming
-      has begun, a last `data: {"error": ...}` event. Ray Serve's own timeout can be lifted by a client header
-      (x-request-timeout-seconds: 0); this one cannot.
-    /health answers with this endpoint's instance id (`x-chorus-instance`), so `wait_healthy` knows it is us."""
-
-    def __init__(self, app, config: "EnsembleConfig", context: int):
-        self.app, self.config, self.context = app, config, context
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def tracked_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-                if scope.get("path", "") == "/health" and self.config.instance:
-                    message = {**message, "headers": [*message.get("headers", []),
-                                                      (INSTANCE_HEADER, self.config.instance.encode())]}
-            await send(message)
-
-        timeout = asyncio.timeout(self.config.request_timeout_s)
-        try:
-            async with timeout:
-                await self._handle(scope, receive, tracked_send)
-        except TimeoutError:
-            if not timeout.expired():
-                raise
-            message = (f"the request was not answered within this endpoint's limit of {self.config.request_timeout_s:g} "
-                       f"s request_timeout_s (`serve up --request-timeout-s` raises it); it was cancelled")
-            if not started:
-                start, body = error_reply(408, message)
-                await send(start)
-                await send({"type": "http.response.body", "body": body})
-            else:  # a stream: its status is sent already; end it with an error event a client can read
-                event = json.dumps({"error": {"message": message, "type": "RequestTimeout", "code": 408}})
-                await send({"type": "http.response.body", "body": f"data: {event}\n\n".encode(), "more_body": False})
-
-    async def _handle(self, scope, receive, send):
-        if scope["method"] not in ("POST", "PUT", "PATCH"):
-            await self.app(scope, receive, send)
-            return
-        limit = self.config.max_body_bytes
-        declared = dict(scope["headers"]).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > limit:
-            await self._reply(send, *limit_error(413, "the request body's size in bytes", int(declared), self.config,
-                                                 "max_body_bytes"))
-            return
-        try:
-            body = await read_body(receive, limit)
-        except BodyTooLarge:
-            await self._reply(send, *limit_error(413, "the request body's size in bytes", f"over {limit}",
-                                                 self.config, "max_body_bytes"))
-            return
-        if isinstance(body, dict):  # the client left before sending it all: the app sees that
-            await self.app(scope, _replay([body], receive), send)
-            return
-        try:
-            parsed = json.loads(body) if body else None
-        except (ValueError, RecursionError):  # not JSON: vLLM's own parser answers with a 400
-            parsed = None
-        if isinstance(parsed, dict):
-            path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
-            if over := request_over_limits(path, parsed, self.config, self.context):
-                await self._reply(send, *over)
-                return
-        await self.app(scope, _replay([{"type": "http.request", "body": body, "more_body": False}], receive), send)
-
-    @staticmethod
-    async def _reply(send, start: dict, body: bytes) -> None:
-        await send(start)
-        await send({"type": "http.response.body", "body": body})
 
 
 class ReplicaExit:
@@ -439,8 +218,9 @@ class EnsembleServer:
         # Wrapped, not add_middleware: vLLM's app has built its middleware stack by now. The key is checked
         # first, so a caller without it learns nothing about what the body would have been answered; the
         # limits and the time limit come next, before any body is parsed for vLLM.
-        app = RequestLimits(TextGuard(self.openai_app), self.config, self.context)
-        return ApiKeyGuard(app, self.config.api_key_sha256) if self.config.api_key_sha256 else app
+        http = self.config.http
+        app = RequestLimits(TextGuard(self.openai_app), http, self.context)
+        return ApiKeyGuard(app, http.api_key_sha256) if http.api_key_sha256 else app
 
     async def check_health(self) -> None:
         """Serve's health check (every `health_check_period_s`): raising makes Serve replace this replica.
@@ -463,21 +243,23 @@ def build_app(config: EnsembleConfig):
     from ray import serve
 
     config.check()
-    if config.api_key:
-        config = dataclasses.replace(config, api_key=None,
-                                     api_key_sha256=hashlib.sha256(config.api_key.encode()).hexdigest())
-    deployment = serve.deployment(
+    if config.http.api_key:
+        key_sha256 = hashlib.sha256(config.http.api_key.encode()).hexdigest()
+        config = dataclasses.replace(config, http=dataclasses.replace(config.http, api_key=None,
+                                                                      api_key_sha256=key_sha256))
+    deployment = config.deployment
+    app = serve.deployment(
         serve.ingress()(EnsembleServer),
         name="EnsembleServer",
-        num_replicas=config.replicas,
+        num_replicas=deployment.replicas,
         max_ongoing_requests=config.ongoing_requests,
-        max_queued_requests=config.max_queued_requests,  # past it Serve answers 503 "dropped due to backpressure"
-        ray_actor_options={"num_cpus": config.cpus_per_replica},
+        max_queued_requests=deployment.max_queued_requests,  # past it Serve answers 503 "dropped due to backpressure"
+        ray_actor_options={"num_cpus": deployment.cpus_per_replica},
         health_check_period_s=10,
         health_check_timeout_s=60,
-        **({"max_replicas_per_node": config.max_replicas_per_node} if config.max_replicas_per_node else {}),
+        **({"max_replicas_per_node": deployment.max_replicas_per_node} if deployment.max_replicas_per_node else {}),
     )
-    return deployment.bind(config)
+    return app.bind(config)
 
 
 def endpoint_url(host: str, port: int) -> str:
@@ -542,24 +324,25 @@ def start_app(config: EnsembleConfig, address: str | None = None) -> str:
     global _started_ray
     config.check()
     if address is None and not ray.is_initialized():
-        check_port_free(config.host, config.port)  # a Ray of our own has no Serve yet: the port must be free
-    config = dataclasses.replace(config, instance=secrets.token_hex(8))
+        check_port_free(config.http.host, config.http.port)  # a Ray of our own has no Serve yet: the port must be free
+    config = dataclasses.replace(config, http=dataclasses.replace(config.http, instance=secrets.token_hex(8)))
+    http = config.http
     started_ray, deployed = connect_ray(address), False
     _started_ray = _started_ray or started_ray
     try:
         if not serve_running():
-            check_port_free(config.host, config.port)
+            check_port_free(http.host, http.port)
         # A loopback address is reachable on its own machine only: one proxy, on the head node (on a cluster of
         # several nodes on one machine, a proxy per node would all bind this one address).
-        serve.start(http_options={"host": config.host, "port": config.port,
+        serve.start(http_options={"host": http.host, "port": http.port,
                                   # Serve's own time limit covers the wait in its queue; the replica's is tighter
-                                  "request_timeout_s": config.request_timeout_s + 60},
-                    proxy_location="HeadOnly" if is_loopback(config.host) else "EveryNode")
-        check_serve_http(config)
+                                  "request_timeout_s": http.request_timeout_s + 60},
+                    proxy_location="HeadOnly" if is_loopback(http.host) else "EveryNode")
+        check_serve_http(http)
         deployed = True  # from here on serve.run may have created the app
         serve.run(build_app(config), name=APP_NAME, route_prefix="/", blocking=False)
-        url = config.url
-        wait_healthy(url, instance=config.instance)
+        url = http.url
+        wait_healthy(url, instance=http.instance)
     except BaseException:
         # Leave nothing half-started: a later start_app in this process would find this Serve (and its proxy
         # on this port) and wait on a port nobody listens on. What ran before this call is left alone.
@@ -572,14 +355,14 @@ def start_app(config: EnsembleConfig, address: str | None = None) -> str:
     return url
 
 
-def check_serve_http(config: EnsembleConfig) -> None:
+def check_serve_http(http: HttpSettings) -> None:
     """Serve keeps the HTTP options it was first started with (and only warns): refuse other ones by name."""
     from ray.serve.context import _get_global_client
 
     running = _get_global_client().http_config
-    if (running.host, running.port) != (config.host, config.port):
+    if (running.host, running.port) != (http.host, http.port):
         raise ServeError(f"Ray Serve already runs on this Ray cluster with HTTP on {running.host}:{running.port}, "
-                         f"not {config.host}:{config.port}: ask for that address, or stop that Serve first "
+                         f"not {http.host}:{http.port}: ask for that address, or stop that Serve first "
                          f"(`serve shutdown`)")
 
 

@@ -5,38 +5,47 @@ import argparse
 import json
 import logging
 
+from plumbing.config_flags import add_flags, from_args
 from plumbing.console import exit_on, setup_logging
 from train.corpus import default_corpus
 from train.data import DatasetSpec, prepare_dataset
 from train.model import PRESETS, get_shape
+from train.trainer import TrainConfig
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    """The knobs of one training run (shared by member, members and other stages' trainers)."""
-    p.add_argument("--data-dir", required=True, help="dataset directory made by `python -m train data`")
+    """The knobs of one training run (shared by member, members and other stages' trainers): TrainConfig's fields,
+    whose help is worded here until it moves onto the fields. --preset and --warmup-frac are this command's own:
+    their defaults depend on --init-from (train_config_from_args)."""
+    add_flags(p, TrainConfig, ["data_dir"], help={"data_dir": "dataset directory made by `python -m train data`"})
     p.add_argument("--preset", help=f"model shape: {', '.join(PRESETS)} (default cpu-s; with --init-from the base's "
                                     "shape, and a preset given must equal it)")
-    p.add_argument("--init-from", metavar="DIR",
-                   help="continued pre-training: start from this base model (any local Hugging Face Llama directory "
-                        "with safetensors weights, a Chorus member included) instead of random weights; its "
-                        "architecture is used. Make the dataset with `train data --tokenizer DIR` (checked). Every "
-                        "seed starts from the same base weights, so seeds vary the data order. Suggested for "
-                        "continued pre-training: a peak --lr about a third of the from-scratch one, and the default "
-                        "--warmup-frac of 0.05 (fresh AdamW moments on trained weights), then cosine to zero")
+    add_flags(p, TrainConfig, ["init_from"], override={"init_from": {"metavar": "DIR"}}, help={
+        "init_from": "continued pre-training: start from this base model (any local Hugging Face Llama directory "
+                     "with safetensors weights, a Chorus member included) instead of random weights; its "
+                     "architecture is used. Make the dataset with `train data --tokenizer DIR` (checked). Every "
+                     "seed starts from the same base weights, so seeds vary the data order. Suggested for "
+                     "continued pre-training: a peak --lr about a third of the from-scratch one, and the default "
+                     "--warmup-frac of 0.05 (fresh AdamW moments on trained weights), then cosine to zero"})
     p.add_argument("--warmup-frac", type=float,
                    help="share of steps of linear lr warmup before the cosine decay (default 0.01; 0.05 with --init-from)")
-    p.add_argument("--tokens", type=int, default=200_000, help="token budget D: exact number of training tokens (default 200000)")
-    p.add_argument("--epochs", type=int, default=8, help="passes over the D tokens (default 8)")
-    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
-    p.add_argument("--wd", type=float, default=0.8, help="AdamW weight decay, multiplied by lr (default 0.8)")
-    p.add_argument("--batch-size", type=int, default=32, help="sequences per step (default 32)")
-    p.add_argument("--context", type=int, default=128, help="sequence length (default 128)")
-    p.add_argument("--eval-every", type=int, default=0, help="steps between validation passes; 0 = at the end only")
-    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between resumable checkpoints (default 50)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads per run (0 = torch default)")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile a lone member on a CUDA GPU (faster steps after a compile of a minute or so; "
-                        "ignored on the CPU and by stacked training)")
+    add_flags(p, TrainConfig, ["tokens", "epochs", "lr", "weight_decay", "batch_size", "context", "eval_every",
+                               "checkpoint_every", "threads", "compile"], rename={"weight_decay": "--wd"}, help={
+        "tokens": "token budget D: exact number of training tokens (default %(default)s)",
+        "epochs": "passes over the D tokens (default %(default)s)",
+        "lr": "peak learning rate (default %(default)g)",
+        "weight_decay": "AdamW weight decay, multiplied by lr (default %(default)g)",
+        "batch_size": "sequences per step (default %(default)s)",
+        "context": "sequence length (default %(default)s)",
+        "eval_every": "steps between validation passes; 0 = at the end only",
+        "checkpoint_every": "steps between resumable checkpoints (default %(default)s)",
+        "threads": "torch threads per run (0 = torch default)",
+        "compile": "torch.compile a lone member on a CUDA GPU (faster steps after a compile of a minute or so; "
+                   "ignored on the CPU and by stacked training)"})
+
+
+def add_seed_arg(p: argparse.ArgumentParser, help: str | None) -> None:
+    add_flags(p, TrainConfig, ["seed"], help={"seed": help} if help else {})
 
 
 def check_preset(args) -> None:
@@ -45,27 +54,16 @@ def check_preset(args) -> None:
         get_shape(args.preset or "cpu-s")
 
 
-def train_config_from_args(args, seed: int):
-    from train.trainer import TrainConfig
-
+def train_config_from_args(args, seed: int) -> TrainConfig:
     init_from = getattr(args, "init_from", None)
     warmup = args.warmup_frac if getattr(args, "warmup_frac", None) is not None else (0.05 if init_from else 0.01)
     preset = args.preset or ("" if init_from else "cpu-s")
-    return TrainConfig(data_dir=args.data_dir, preset=preset, init_from=init_from, warmup_frac=warmup,
-                       tokens=args.tokens, epochs=args.epochs,
-                       lr=args.lr, weight_decay=args.wd, seed=seed, batch_size=args.batch_size,
-                       context=args.context, eval_every=args.eval_every,
-                       checkpoint_every=args.checkpoint_every, threads=args.threads,
-                       compile=getattr(args, "compile", False))
+    return from_args(TrainConfig, args, preset=preset, warmup_frac=warmup, seed=seed)
 
 
 def cmd_data(args) -> None:
     corpus = args.corpus or [str(default_corpus(args.cache_dir))]
-    manifest = prepare_dataset(
-        DatasetSpec(corpus=tuple(corpus), vocab_size=args.vocab_size, val_fraction=args.val_fraction,
-                    val_max_tokens=args.val_tokens, max_chars=args.max_chars, tokenizer=args.tokenizer),
-        args.data_dir,
-    )
+    manifest = prepare_dataset(from_args(DatasetSpec, args, corpus=tuple(corpus)), args.data_dir)
     print(json.dumps({k: {"tokens": v["tokens"], "documents": v["documents"]} for k, v in manifest["splits"].items()}))
 
 
@@ -82,8 +80,8 @@ def cmd_members(args) -> None:
 
     check_preset(args)
     if args.joint:
-        args.epochs, args.wd = joint_recipe(args.epochs, args.wd)
-        logging.info("joint recipe: members at %d epochs, weight decay %g", args.epochs, args.wd)
+        args.epochs, args.weight_decay = joint_recipe(args.epochs, args.weight_decay)
+        logging.info("joint recipe: members at %d epochs, weight decay %g", args.epochs, args.weight_decay)
     configs = [train_config_from_args(args, seed) for seed in range(args.seed, args.seed + args.k)]
     results = train_members(configs, args.out, address=args.address, parallel=args.parallel, separate=args.separate)
     for r in results:
@@ -102,7 +100,7 @@ def cmd_search(args) -> None:
     if args.epochs_grid:
         space = space.replace(epochs=tuple(args.epochs_grid))
     base = train_config_from_args(args, args.seed)
-    outcome = coordinate_descent(base, space, args.out, start=(args.epochs, args.lr, args.wd),
+    outcome = coordinate_descent(base, space, args.out, start=(args.epochs, args.lr, args.weight_decay),
                                  address=args.address, parallel=args.parallel, max_rounds=args.max_rounds,
                                  separate=args.separate)
     print(runs_table(outcome))
@@ -121,21 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Corpus (txt/md/rst, jsonl with 'text', parquet with 'text'; optionally .zst; "
                                    "files or directories) -> byte-level BPE tokenizer + train/val token shards + manifest. "
                                    "Without --corpus, uses the default corpus (Debian's python3.11-doc sources).")
-    p.add_argument("--corpus", nargs="+", help="corpus files or directories (default: the built-in default corpus)")
+    add_flags(p, DatasetSpec, ["corpus"], override={"corpus": {"default": None}},
+              help={"corpus": "corpus files or directories (default: the built-in default corpus)"})
     p.add_argument("--data-dir", required=True, help="output dataset directory")
-    p.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary size (default 4096)")
-    p.add_argument("--tokenizer", help="use this Hugging Face model's (or tokenizer's) directory's tokenizer instead of "
-                                       "training one: for continued pre-training of that model (--init-from); its "
-                                       "tokenizer.json is copied as is, so the manifest's tokenizer hash matches the base")
-    p.add_argument("--val-fraction", type=float, default=0.05, help="share of documents held out (default 0.05)")
-    p.add_argument("--val-tokens", type=int, default=100_000, help="cap on validation tokens (default 100000)")
-    p.add_argument("--max-chars", type=int, help="read at most this many characters of the corpus")
+    add_flags(p, DatasetSpec, ["vocab_size", "tokenizer", "val_fraction", "val_max_tokens", "max_chars"],
+              rename={"val_max_tokens": "--val-tokens"}, help={
+        "vocab_size": "BPE vocabulary size (default %(default)s)",
+        "tokenizer": "use this Hugging Face model's (or tokenizer's) directory's tokenizer instead of training one: "
+                     "for continued pre-training of that model (--init-from); its tokenizer.json is copied as is, so "
+                     "the manifest's tokenizer hash matches the base",
+        "val_fraction": "share of documents held out (default %(default)g)",
+        "val_max_tokens": "cap on validation tokens (default %(default)s)",
+        "max_chars": "read at most this many characters of the corpus"})
     p.add_argument("--cache-dir", default=".cache/corpus", help="where the default corpus is fetched to")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("member", help="train one member (resumable: re-run the same command after a kill)")
     add_train_args(p)
-    p.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed (default 0)")
+    add_seed_arg(p, "initialisation and data-order seed (default %(default)s)")
     p.add_argument("--out", required=True, help="run directory; the model lands in OUT/model")
     p.set_defaults(func=cmd_member)
 
@@ -149,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with the estimate. --separate trains each member as its own run on Ray instead.")
     add_train_args(p)
     p.add_argument("--k", type=int, default=3, help="number of members (default 3)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; members use seed .. seed+k-1")
+    add_seed_arg(p, "first seed; members use seed .. seed+k-1")
     p.add_argument("--joint", action="store_true",
                    help="joint recipe: given the single-model optimum in --epochs/--wd, train at 2x epochs and 0.5x wd (floor 0.1)")
     p.add_argument("--out", required=True, help="directory; member i lands in OUT/seed-<i>/model")
@@ -163,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The paper's recipe search at one model size and budget. Every finished run is kept "
                                    "in OUT/ledger.jsonl, so a killed search resumes and no run is repeated.")
     add_train_args(p)
-    p.add_argument("--seed", type=int, default=0)
+    add_seed_arg(p, None)
     p.add_argument("--out", required=True, help="search directory (ledger, runs, result.json)")
     p.add_argument("--standard", action="store_true", help="standard recipe: weight decay fixed at 0.1")
     p.add_argument("--lrs", type=float, nargs="+", help="learning-rate grid (default: the paper's)")

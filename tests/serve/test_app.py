@@ -16,7 +16,7 @@ import openai
 import pytest
 import torch
 
-from serve.app import EnsembleConfig, ServeError, start_app, stop_app
+from serve.app import EngineSettings, EnsembleConfig, HttpSettings, ServeError, start_app, stop_app
 from serve.reference import ReferenceEnsemble, combine_member_logits
 from train.data import load_tokens
 
@@ -33,8 +33,9 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def endpoint(tiny_ensemble):
     os.environ["HF_HUB_OFFLINE"] = "1"
-    url = start_app(EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME, api_key=API_KEY,
-                                   port=free_port(), kv_cache_bytes=256 << 20, max_num_seqs=16))
+    url = start_app(EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME,
+                                   engine=EngineSettings(kv_cache_gib=0.25, max_num_seqs=16),
+                                   http=HttpSettings(api_key=API_KEY, port=free_port())))
     yield url
     stop_app()
 
@@ -231,5 +232,6 @@ def test_second_app_on_another_port_is_refused_by_name_and_the_first_keeps_servi
     # second start would wait on a port no proxy listens on.
     running_port = int(endpoint.rsplit(":", 1)[1])
     with pytest.raises(ServeError, match=f"HTTP on 127.0.0.1:{running_port}"):
-        start_app(EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME, port=free_port()))
+        start_app(EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME,
+                                 http=HttpSettings(port=free_port())))
     assert httpx.get(f"{endpoint}/health", timeout=10).status_code == 200
