@@ -29,6 +29,7 @@ from synthdata.annotate import Annotations
 from synthdata.loader import TokenShards
 from plumbing.artifacts import atomic_write_json
 from train.data import DataError, load_tokens, read_manifest, windows
+from train.run_dir import RunDir
 from train.trainer import TrainConfig, token_loss_on_device, train_loop, validation_windows
 from plumbing.console import ChorusError
 
@@ -189,8 +190,7 @@ def distill(cfg: DistillConfig, run_dir: str | Path, progress: bool = True) -> d
     consumed = {**mixture, **plan, "synthetic_windows": len(syn[0]) if synthetic else 0, "real_windows": len(real[0])}
     if synthetic is None:
         consumed["synthetic_passes"] = 0.0
-    path = Path(run_dir) / "mixture.json"
-    atomic_write_json(path, consumed)
+    atomic_write_json(RunDir(run_dir).mixture_file, consumed)
     log.info("student %s: val loss %.4f; consumed %d real rows (%.2f epochs) and %d synthetic rows (%.2f passes)",
              result["model_dir"], result["val_loss"], plan["real_rows"], plan["real_epochs"],
              plan["synthetic_rows"], consumed["synthetic_passes"])

@@ -17,6 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from plumbing.ray_session import ray_session
+from train.run_dir import RunDir
 from train.stacked import SHARED_FIELDS, train_stack
 from train.trainer import TrainConfig, train_member
 
@@ -41,7 +42,7 @@ def run_trainings(configs: list[TrainConfig], run_dirs: list[str | Path], addres
     results: list[dict | None] = [None] * len(configs)
     pending = []
     for i, (cfg, run_dir) in enumerate(zip(configs, run_dirs)):
-        if (Path(run_dir) / "result.json").exists():
+        if RunDir(run_dir).complete:
             results[i] = train_member(cfg, run_dir, progress=False)  # claims the dir and returns the stored result
         else:
             pending.append(i)

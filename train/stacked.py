@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import shutil
-import time
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -40,10 +39,11 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from plumbing.artifacts import ArtifactError, OutputLock, atomic_write_json, read_json
 from train.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
 from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
-from train.model import Shape, flops_per_token, fuse_layer, unfuse_layer
+from train.model import flops_per_token, fuse_layer, shape_of, unfuse_layer
 from train.base import BaseModel
-from train.trainer import (EpochBatches, TrainConfig, autocast_for, claim_run_dir, evaluate, finish_run, initial_model,
-                           keep_freed_memory, lr_at, member_llama_config, trim_metrics, validation_windows)
+from train.loop import Cadence, LogWindow, autocast_for, finish_run, lr_at, training_device
+from train.run_dir import RunDir
+from train.trainer import EpochBatches, TrainConfig, evaluate, initial_model, member_llama_config, validation_windows
 
 log = logging.getLogger(__name__)
 
@@ -254,8 +254,7 @@ def estimate_memory(config: LlamaConfig, k: int, batch_size: int, context: int) 
     activations autograd keeps for one step (per token and layer: the residual, two norms, q/k/v/attention
     output, gate/up/SiLU products; then the logits, their softmax and gradient), with 1.5x headroom for
     the allocator and temporaries."""
-    shape = Shape(config.hidden_size, config.intermediate_size, config.num_attention_heads,
-                  config.num_key_value_heads, config.num_hidden_layers)
+    shape = shape_of(config)
     params = shape.non_embedding_params() + config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2)
     qkv = (config.num_attention_heads + 2 * config.num_key_value_heads) * config.head_dim
     per_token = config.num_hidden_layers * (6 * config.hidden_size + 2 * qkv + 5 * config.intermediate_size) + 3 * config.vocab_size
@@ -305,18 +304,18 @@ def stack_key(identities: list[dict]) -> str:
     return hashlib.sha256(json.dumps(identities, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _stack_members(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path) -> list[int]:
+def _stack_members(runs: list[RunDir], stack_dir: Path) -> list[int]:
     """Which of the runs this stack trains: those recorded in stack_dir/stack.json by a killed attempt (so
     the resume is exact even if some of them were written before the kill), else the unfinished ones."""
     record = stack_dir / "stack.json"
     if record.exists():
         names = read_json(record, "stack record")["run_dirs"]
-        index = {str(d.resolve()): i for i, d in enumerate(run_dirs)}
+        index = {str(run.path.resolve()): i for i, run in enumerate(runs)}
         missing = [n for n in names if n not in index]
         if missing:
             raise ArtifactError(f"{record} names runs that are not in this job: {missing}; delete {stack_dir} to restart")
         return [index[n] for n in names]
-    return [i for i, d in enumerate(run_dirs) if not (d / "result.json").exists()]
+    return [i for i, run in enumerate(runs) if not run.complete]
 
 
 def train_stack(configs: list[TrainConfig], run_dirs: list[str | Path], progress: bool = True,
@@ -331,37 +330,31 @@ def train_stack(configs: list[TrainConfig], run_dirs: list[str | Path], progress
     cfg = configs[0]
     if cfg.tokens < 2 or cfg.epochs < 1:
         raise DataError(f"token budget must be at least 2 and epochs >= 1 (got {cfg.tokens}, {cfg.epochs})")
-    run_dirs = [Path(d) for d in run_dirs]
-    stack_dir = run_dirs[0].parent / f".stack-{stack_key([[str(d.resolve()), c.identity()] for c, d in zip(configs, run_dirs)])}"
-    members = _stack_members(configs, run_dirs, stack_dir)
+    runs = [RunDir(d) for d in run_dirs]
+    key = stack_key([[str(run.path.resolve()), c.identity()] for c, run in zip(configs, runs)])
+    stack_dir = runs[0].path.parent / f".stack-{key}"
+    members = _stack_members(runs, stack_dir)
     if members:  # before anything is written: a stack too big for memory leaves no trace
-        manifest = read_manifest(cfg.data_dir)
-        check_memory(_llama_config(cfg, manifest), len(members), cfg.batch_size, cfg.context, available)
+        config = member_llama_config(cfg, read_manifest(cfg.data_dir))[0]
+        check_memory(config, len(members), cfg.batch_size, cfg.context, available)
     with ExitStack() as locks:
-        for d in run_dirs:
-            locks.enter_context(OutputLock(d))
-        for c, d in zip(configs, run_dirs):  # under the locks: a job already holding a run dir finds it untouched
-            claim_run_dir(d, c.identity())
-        members = _stack_members(configs, run_dirs, stack_dir)  # again, under the locks
+        for run in runs:
+            locks.enter_context(OutputLock(run.path))
+        for c, run in zip(configs, runs):  # under the locks: a job already holding a run dir finds it untouched
+            run.claim(c.identity())
+        members = _stack_members(runs, stack_dir)  # again, under the locks
         if members:
-            _train([configs[i] for i in members], [run_dirs[i] for i in members], stack_dir, progress, peak_flops)
-    return [read_json(d / "result.json", "run result") for d in run_dirs]
+            _train([configs[i] for i in members], [runs[i] for i in members], stack_dir, progress, peak_flops)
+    return [run.result() for run in runs]
 
 
-def _llama_config(cfg: TrainConfig, manifest: dict) -> LlamaConfig:
-    return member_llama_config(cfg, manifest)[0]
-
-
-def _train(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path, progress: bool,
+def _train(configs: list[TrainConfig], runs: list[RunDir], stack_dir: Path, progress: bool,
            peak_flops: float | None) -> None:
     cfg, k = configs[0], len(configs)
-    written = [(d / "result.json").exists() for d in run_dirs]  # finished before a kill: trained again, not rewritten
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    written = [run.complete for run in runs]  # finished before a kill: trained again, not rewritten
+    device = training_device(cfg.threads)
     manifest = read_manifest(cfg.data_dir)
     config, base = member_llama_config(cfg, manifest)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    keep_freed_memory(device)
     inputs, targets = windows(load_tokens(cfg.data_dir, "train", cfg.tokens), cfg.context)
     sources = [EpochBatches(inputs, targets, cfg.batch_size, cfg.epochs, c.seed) for c in configs]
     val = validation_windows(cfg.data_dir, cfg.context)
@@ -370,7 +363,7 @@ def _train(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path, pr
     optimizer = StackedAdamW(model, [c.weight_decay for c in configs])
     stack_dir.mkdir(parents=True, exist_ok=True)
     if not (stack_dir / "stack.json").exists():
-        atomic_write_json(stack_dir / "stack.json", {"run_dirs": [str(d.resolve()) for d in run_dirs],
+        atomic_write_json(stack_dir / "stack.json", {"run_dirs": [str(run.path.resolve()) for run in runs],
                                                      "configs": [c.identity() for c in configs]})
     start = 0
     found = load_checkpoint(stack_dir, device)
@@ -379,17 +372,17 @@ def _train(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path, pr
         model.load_state_dict(files["model"])
         optimizer.load_state_tensors(files["optimizer"])
         log.info("resumed the stack of %d members in %s from step %d", k, stack_dir, start)
-    metric_paths = [d / "metrics.jsonl" for d in run_dirs]
-    for path, done in zip(metric_paths, written):
+    for run, done in zip(runs, written):
         if not done:
-            trim_metrics(path, start)
+            run.trim_metrics(start)
 
     total = sources[0].steps
+    cadence = Cadence(total, cfg.log_every, cfg.eval_every, cfg.checkpoint_every)
     flops_tok = flops_per_token(config, cfg.context)
     params = list(model.parameters())
     bar = tqdm(total=total, initial=start, desc=f"{k} members (stacked)", unit="step", disable=not progress)
-    t_window, tok_window, loss_window = time.perf_counter(), 0, []
-    files = [None if done else open(p, "a") for p, done in zip(metric_paths, written)]
+    window = LogWindow()
+    files = [None if done else open(run.metrics_file, "a") for run, done in zip(runs, written)]
     try:
         def emit(i, record):
             if files[i] is not None:
@@ -408,13 +401,11 @@ def _train(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path, pr
             loss.sum().backward()
             clip_grad_norm_per_member(params, [c.grad_clip for c in configs])
             optimizer.step(lrs)
-            loss_window.append(loss.detach().cpu().numpy())
-            tok_window += x.numel()
+            window.add(loss.detach().cpu().numpy(), x.numel())
             done = step + 1
-            if done % cfg.log_every == 0 or done == total:
-                dt = time.perf_counter() - t_window
-                tps = tok_window / dt  # all members together
-                mean_loss = np.mean(loss_window, axis=0)
+            if cadence.logs(done):
+                losses, tps = window.close()  # tokens/s of all members together
+                mean_loss = np.mean(losses, axis=0)
                 for i in range(k):
                     record = {"step": done, "epoch": done / sources[i].steps_per_epoch, "lr": lrs[i],
                               "train_loss": float(mean_loss[i]), "tokens_per_s": tps / k, "stack": k,
@@ -423,24 +414,23 @@ def _train(configs: list[TrainConfig], run_dirs: list[Path], stack_dir: Path, pr
                         record["mfu"] = tps * flops_tok / peak_flops
                     emit(i, record)
                 bar.set_postfix(loss=f"{float(mean_loss.mean()):.3f}", tok_s=f"{tps:,.0f}")
-                t_window, tok_window, loss_window = time.perf_counter(), 0, []
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+            if cadence.evaluates(done):
                 for i, vl in enumerate(evaluate_stack(model, *val)):
                     emit(i, {"step": done, "val_loss": vl})
-            if done % cfg.checkpoint_every == 0 and done < total:
+            if cadence.checkpoints(done):
                 save_checkpoint(stack_dir, done, {"model": model.state_dict(), "optimizer": optimizer.state_tensors()})
             bar.update(1)
         bar.close()
         if start < total:  # the final weights, so a kill while members are being written resumes without training
             save_checkpoint(stack_dir, total, {"model": model.state_dict(), "optimizer": optimizer.state_tensors()})
         member = LlamaForCausalLM(config).to(device)
-        for i, (c, d) in enumerate(zip(configs, run_dirs)):
+        for i, (c, run) in enumerate(zip(configs, runs)):
             if written[i]:
                 continue
             member.load_state_dict(model.member_state_dict(i))
             val_loss = evaluate(member, *val)
             emit(i, {"step": total, "val_loss": val_loss})
-            finish_run(c, d, member, val_loss, total, manifest, base)
+            finish_run(c, run, member, val_loss, total, manifest, base)
     finally:
         for f in files:
             if f is not None:

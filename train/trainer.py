@@ -5,17 +5,16 @@ real tokens for a member (`EpochBatches`), a real/synthetic mixture for a studen
 A batch is a pure function of the step number, which is what makes resume exact: a restarted run
 loads weights and AdamW moments from the last checkpoint and asks for the same batches again.
 
+What a lone run shares with a stack of members (train/stacked.py) lives in train/loop.py (learning rate,
+cadence, metrics window, writing the result) and train/run_dir.py (the run directory); this file keeps what is a
+lone run's own: the Hugging Face model, torch's AdamW, the batch source and the step.
+
 Nothing is pickled: weights and optimizer moments are safetensors, the rest is JSON.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
-import math
-import shutil
-import sys
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol
@@ -26,11 +25,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from plumbing.artifacts import OutputLock, atomic_write_json, fresh_tmp_dir, publish_dir, sha256_file
-from train.checkpoint import clear_checkpoints, load_checkpoint, save_checkpoint
-from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
+from plumbing.artifacts import OutputLock
 from train.base import BaseModel, BaseModelError, base_state_dict, check_base_fits, member_config, read_base
-from train.model import flops_per_token, get_shape, llama_config, shape_of
+from train.checkpoint import load_checkpoint, save_checkpoint
+from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
+from train.loop import Cadence, LogWindow, autocast_for, finish_run, lr_at, training_device
+from train.model import flops_per_token, get_shape, llama_config
+from train.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -123,15 +124,6 @@ class EpochBatches:
         return self.inputs[idx], self.targets[idx]
 
 
-def lr_at(step: int, total: int, peak: float, warmup_frac: float) -> float:
-    """Linear warmup over `warmup_frac` of the steps (at least one), then cosine decay to 0."""
-    warmup = max(1, round(warmup_frac * total))
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * peak * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def configure_optimizer(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """Decay 2-D weights (the output head included); not norms, biases or the input embedding.
 
@@ -177,31 +169,6 @@ def evaluate(model: torch.nn.Module, inputs: np.ndarray, targets: np.ndarray, ba
     return total / count
 
 
-def keep_freed_memory(device: torch.device) -> None:
-    """On the CPU under glibc: serve every allocation from the heap and keep what is freed there for reuse.
-
-    By default glibc maps each block over 32 MB fresh from the kernel and unmaps it when freed, so a training
-    step's large activations (logits, MLP products) are page-faulted in and zeroed again at every step; on the
-    VMs this project runs on that cost a lone run up to 30% of its step (bench/perf/train_stack_throughput). The price:
-    a training process keeps its peak memory until it exits. Nothing happens on CUDA or without glibc."""
-    if device.type != "cpu" or not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        m_trim_threshold, m_mmap_max = -1, -4  # <malloc.h>
-        libc.mallopt(m_mmap_max, 0)
-        libc.mallopt(m_trim_threshold, 2**31 - 1)
-    except (OSError, AttributeError):  # not glibc (musl, ...): keep the default allocator
-        pass
-
-
-def autocast_for(device: torch.device):
-    """bf16 autocast on CUDA (weights, grads and AdamW moments stay fp32); plain fp32 on the CPU, where bf16 is slow."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
-
-
 # ---- checkpoints -------------------------------------------------------------------------------
 
 def _save_checkpoint(run_dir: Path, model, optimizer, step: int) -> None:
@@ -237,38 +204,6 @@ def restore_moments(optimizer: torch.optim.Optimizer, params: dict[str, torch.Te
             optimizer.state[param][slot] = value.to(param.device, param.dtype)
 
 
-def trim_metrics(path: Path, last_step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from: they will be written again."""
-    if not path.exists():
-        return
-    lines = [l for l in path.read_text().splitlines() if l.strip()]
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line).get("step", 0) <= last_step:
-                kept.append(line)
-        except json.JSONDecodeError:
-            break  # a line cut by the kill
-    path.write_text("".join(l + "\n" for l in kept))
-
-
-def claim_run_dir(run_dir: Path, identity: dict) -> None:
-    """Record the run's identity, or check that an existing run dir belongs to the same run."""
-    from plumbing.artifacts import read_json  # a corrupt run.json / result.json is named (ArtifactError)
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    record = run_dir / "run.json"
-    if (run_dir / "result.json").exists():  # a corrupt result is named here, not a traceback where it is read
-        read_json(run_dir / "result.json", "run result")
-    if record.exists():
-        existing = read_json(record, "run configuration")
-        if existing != identity:
-            diff = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
-            raise DataError(f"{run_dir} belongs to another run configuration (differs in: {', '.join(diff)})")
-        return
-    atomic_write_json(record, dict(sorted(identity.items())))
-
-
 # ---- the loop ----------------------------------------------------------------------------------
 
 def train_loop(cfg: TrainConfig, run_dir: str | Path, batches: BatchSource, val: tuple[np.ndarray, np.ndarray],
@@ -280,38 +215,34 @@ def train_loop(cfg: TrainConfig, run_dir: str | Path, batches: BatchSource, val:
 
     Returns the result record (also written to run_dir/result.json, last, when everything is saved).
     """
-    run_dir = Path(run_dir)
-    with OutputLock(run_dir):
-        claim_run_dir(run_dir, cfg.identity())
-        return _train_loop(cfg, run_dir, batches, val, progress, peak_flops, step_loss)
+    run = RunDir(run_dir)
+    with OutputLock(run.path):
+        run.claim(cfg.identity())
+        if run.complete:
+            log.info("%s is already complete; reusing it", run.path)
+            return run.result()
+        return _train_loop(cfg, run, batches, val, progress, peak_flops, step_loss)
 
 
-def _train_loop(cfg: TrainConfig, run_dir: Path, batches: BatchSource, val: tuple[np.ndarray, np.ndarray],
+def _train_loop(cfg: TrainConfig, run: RunDir, batches: BatchSource, val: tuple[np.ndarray, np.ndarray],
                 progress: bool, peak_flops: float | None, step_loss: StepLoss) -> dict:
-    result_path = run_dir / "result.json"
-    if result_path.exists():
-        log.info("%s is already complete; reusing it", run_dir)
-        return json.loads(result_path.read_text())
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device = training_device(cfg.threads)
     manifest = read_manifest(cfg.data_dir)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    keep_freed_memory(device)
     config, base = member_llama_config(cfg, manifest)
     model = initial_model(cfg.seed, config, base).to(device)  # EpochBatches uses the seed for data order
     model.train()
     if cfg.compile and device.type == "cuda":
         model.compile()  # in place: state_dict keys and save_pretrained stay those of the plain model
     optimizer = configure_optimizer(model, cfg.lr, cfg.weight_decay)
-    metrics_path = run_dir / "metrics.jsonl"
-    start = _load_checkpoint(run_dir, model, optimizer)
-    trim_metrics(metrics_path, start)
+    start = _load_checkpoint(run.path, model, optimizer)
+    run.trim_metrics(start)
 
     flops_tok = flops_per_token(config, cfg.context)
     total = batches.steps
-    bar = tqdm(total=total, initial=start, desc=run_dir.name, unit="step", disable=not progress, leave=False)
-    t_window, tok_window, loss_window = time.perf_counter(), 0, []
-    with open(metrics_path, "a") as metrics:
+    cadence = Cadence(total, cfg.log_every, cfg.eval_every, cfg.checkpoint_every)
+    bar = tqdm(total=total, initial=start, desc=run.path.name, unit="step", disable=not progress, leave=False)
+    window = LogWindow()
+    with open(run.metrics_file, "a") as metrics:
         def emit(record):
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
@@ -328,53 +259,26 @@ def _train_loop(cfg: TrainConfig, run_dir: Path, batches: BatchSource, val: tupl
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()
-            loss_window.append(loss.detach())  # read back once per log window, not once per step
-            tok_window += x.numel()
+            window.add(loss.detach(), x.numel())  # read back once per log window, not once per step
             done = step + 1
-            if done % cfg.log_every == 0 or done == total:
-                dt = time.perf_counter() - t_window
-                tps = tok_window / dt
+            if cadence.logs(done):
+                losses, tps = window.close()
                 record = {"step": done, "epoch": done / max(1, getattr(batches, "steps_per_epoch", total)),
-                          "lr": lr, "train_loss": float(torch.stack(loss_window).double().mean()), "tokens_per_s": tps}
+                          "lr": lr, "train_loss": float(torch.stack(losses).double().mean()), "tokens_per_s": tps}
                 if peak_flops:
                     record["mfu"] = tps * flops_tok / peak_flops
                 emit(record)
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{tps:,.0f}")
-                t_window, tok_window, loss_window = time.perf_counter(), 0, []
-            if cfg.eval_every and done % cfg.eval_every == 0 and done < total:
+            if cadence.evaluates(done):
                 emit({"step": done, "val_loss": evaluate(model, *val)})
-            if done % cfg.checkpoint_every == 0 and done < total:
-                _save_checkpoint(run_dir, model, optimizer, done)
+            if cadence.checkpoints(done):
+                _save_checkpoint(run.path, model, optimizer, done)
             bar.update(1)
         bar.close()
         val_loss = evaluate(model, *val)
         emit({"step": total, "val_loss": val_loss})
 
-    return finish_run(cfg, run_dir, model, val_loss, total, manifest, base)
-
-
-def finish_run(cfg: TrainConfig, run_dir: Path, model: torch.nn.Module, val_loss: float, steps: int,
-               manifest: dict, base: BaseModel | None = None) -> dict:
-    """Write a trained member: run_dir/model (HF directory + chorus_run.json), then result.json (last: its
-    presence means the run is complete), then drop the run's checkpoints. Shared by lone and stacked runs."""
-    final = run_dir / "model"
-    tmp = fresh_tmp_dir(final)
-    device = next(model.parameters()).device
-    model.to("cpu").save_pretrained(tmp, safe_serialization=True, max_shard_size="1000GB")  # one file: pack reads it
-    model.to(device)
-    shutil.copytree(Path(cfg.data_dir) / "tokenizer", tmp, dirs_exist_ok=True)
-    result = {"val_loss": val_loss, "steps": steps, "model_dir": str(final.resolve()),
-              "non_embedding_params": shape_of(model.config).non_embedding_params(),
-              "tokenizer_sha256": manifest["tokenizer_sha256"], "config": cfg.identity(),
-              "weights_sha256": sha256_file(tmp / "model.safetensors")}  # loaders verify it (serve.pack.check_weights)
-    if base is not None:  # the base read at the start (not re-hashed here)
-        result["base"] = base.provenance()  # what it was continued from (path, weights sha256)
-    (tmp / "chorus_run.json").write_text(json.dumps(result, indent=1))
-    publish_dir(tmp, final)
-    atomic_write_json(run_dir / "result.json", result)
-    clear_checkpoints(run_dir)
-    log.info("%s: val loss %.4f after %d steps", run_dir.name, val_loss, steps)
-    return result
+    return finish_run(cfg, run, model, val_loss, total, manifest, base)
 
 
 def validation_windows(data_dir: str | Path, context: int) -> tuple[np.ndarray, np.ndarray]:

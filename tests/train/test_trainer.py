@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from train.data import DataError, load_tokens
+from train.loop import lr_at
 from train.model import PRESETS, VLLM_HEAD_SIZES, Shape, ShapeError, check_shape, get_shape
-from train.trainer import TrainConfig, configure_optimizer, lr_at, train_member
+from train.trainer import TrainConfig, configure_optimizer, train_member
 
 from conftest import assert_did_only_the_remaining_steps, run_recording_steps
 
