@@ -11,7 +11,6 @@ Prints one JSON object (also written to --json): each check's result and the fig
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -28,13 +27,13 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from bench.perf.train_throughput import datasheet_peak, measure_matmul_peak
+from bench.perf.mfu import datasheet_peak, measure_matmul_peak, preset_flops_per_token, steady_windows
+from bench.perf.timing import perf_parser
 from plumbing.artifacts import atomic_write_json
 from train.data import DatasetSpec, prepare_dataset, read_manifest
-from train.model import flops_per_token, get_shape, llama_config
 from train.trainer import TrainConfig, train_member
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 WORDS = ("the a of to in and is was for on with as by at from it that this which be are an or have had not but "
          "river city music history science model data energy field water light world system group early").split()
 
@@ -84,13 +83,6 @@ def cfg_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _steady_tokens_per_s(run_dir: Path, key: str = "tokens_per_s") -> float:
-    """Median of a run's metrics windows, the first (start-up) left out."""
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    windows = [r[key] for r in records if key in r]
-    return float(np.median(windows[1:] or windows))
-
-
 def check_stacked(cfg: TrainConfig, root: Path, k: int) -> dict:
     """K members trained as one stack (train.members' default), each an ordinary member directory; then the
     same K trained as lone runs one after another, for the stack's speed-up (steady-state windows of each)."""
@@ -100,9 +92,10 @@ def check_stacked(cfg: TrainConfig, root: Path, k: int) -> dict:
         return {"ok": False, "error": str(e)}
     configs = [dataclasses.replace(cfg, seed=s) for s in range(k)]
     results = train_members(configs, root / "stack")
-    stacked = _steady_tokens_per_s(Path(results[0]["model_dir"]).parent, "stack_tokens_per_s")
-    lone = [_steady_tokens_per_s(Path(train_member(c, root / "lone" / f"seed-{c.seed}", progress=False)["model_dir"]).parent)
-            for c in configs]
+    stacked = float(np.median(steady_windows(Path(results[0]["model_dir"]).parent, "stack_tokens_per_s")))
+    lone_dirs = [Path(train_member(c, root / "lone" / f"seed-{c.seed}", progress=False)["model_dir"]).parent
+                 for c in configs]
+    lone = [float(np.median(steady_windows(d, "tokens_per_s"))) for d in lone_dirs]
     return {"ok": all((Path(r["model_dir"]) / "model.safetensors").exists() for r in results), "k": k,
             "preset": cfg.preset, "val_losses": [r["val_loss"] for r in results],
             "tokens_per_s_all_members": stacked, "lone_tokens_per_s": float(np.median(lone)),
@@ -112,20 +105,16 @@ def check_stacked(cfg: TrainConfig, root: Path, k: int) -> dict:
 def measure_throughput(cfg: TrainConfig, root: Path, peak: float, sheet: float | None) -> dict:
     run = root / ("throughput-compiled" if cfg.compile else "throughput")
     train_member(cfg, run, progress=True, peak_flops=peak)
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    windows = [r["tokens_per_s"] for r in records if "tokens_per_s" in r][1:] or \
-        [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    windows = steady_windows(run, "tokens_per_s")
     tps = float(np.median(windows))
-    m = read_manifest(cfg.data_dir)
-    fpt = flops_per_token(llama_config(get_shape(cfg.preset), m["vocab_size"], cfg.context, 0, 1), cfg.context)
+    fpt = preset_flops_per_token(cfg.preset, read_manifest(cfg.data_dir)["vocab_size"], cfg.context)
     return {"preset": cfg.preset, "compiled": cfg.compile, "windows": len(windows), "tokens_per_s_median": tps,
             "tokens_per_s_spread": [float(min(windows)), float(max(windows))], "flops_per_token": fpt,
             "mfu_vs_measured_peak": tps * fpt / peak, "mfu_vs_datasheet": tps * fpt / sheet if sheet else None}
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.perf.gpu_check", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = perf_parser("gpu_check", __doc__)
     p.add_argument("--dry-run", action="store_true", help="toy sizes, runs on the CPU (what the tests run)")
     p.add_argument("--preset", default="150m", help="throughput preset (default 150m; --dry-run: cpu-xxs)")
     p.add_argument("--context", type=int, default=1024, help="sequence length (default 1024)")

@@ -10,7 +10,6 @@ median with the spread. Prints one JSON record with kd_over_plain.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
@@ -19,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from bench.perf.timing import interleaved, median_spread, perf_parser
 from distill.kd import kd_token_loss
 from train.model import get_shape, llama_config
 from train.trainer import configure_optimizer, token_loss_on_device
@@ -52,22 +52,18 @@ def run(preset: str, vocab: int, context: int, batch_size: int, topk: int, steps
     for loss, arrays in contenders.values():  # warm-up
         block(model, optimizer, loss, arrays, 2)
     seconds: dict[str, list[float]] = {name: [] for name in contenders}
-    for repeat in range(repeats):
-        for name in (list(contenders) if repeat % 2 == 0 else list(reversed(contenders))):
-            loss, arrays = contenders[name]
-            seconds[name].append(block(model, optimizer, loss, arrays, steps))
-    median = {name: float(np.median(s)) for name, s in seconds.items()}
+    for _, _, name in interleaved(contenders, repeats):
+        loss, arrays = contenders[name]
+        seconds[name].append(block(model, optimizer, loss, arrays, steps))
+    per_step = {name: {**median_spread(s), "blocks": s} for name, s in seconds.items()}
     return {"preset": preset, "vocab": vocab, "context": context, "batch_size": batch_size, "topk": topk,
             "steps_per_block": steps, "repeats": repeats, "threads": torch.get_num_threads(),
-            "cores": len(os.sched_getaffinity(0)),
-            "seconds_per_step": {n: {"median": median[n], "spread": [min(s), max(s)], "blocks": s}
-                                 for n, s in seconds.items()},
-            "kd_over_plain": median["kd"] / median["plain"]}
+            "cores": len(os.sched_getaffinity(0)), "seconds_per_step": per_step,
+            "kd_over_plain": per_step["kd"]["median"] / per_step["plain"]["median"]}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.perf.kd_step_cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = perf_parser("kd_step_cost", __doc__)
     p.add_argument("--preset", default="cpu-xs", help="model shape (train/model.py presets; default cpu-xs)")
     p.add_argument("--vocab", type=int, default=2048, help="vocabulary (default 2048, the main job's)")
     p.add_argument("--context", type=int, default=256, help="window length (default 256)")

@@ -30,7 +30,6 @@ the resident memory of the engine's processes once loaded. Prints a Markdown tab
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -44,6 +43,9 @@ import psutil
 import torch
 
 from bench.perf.sequential_engine import SEQUENTIAL_ARCHITECTURE, SEQUENTIAL_ENV
+from bench.perf.timing import perf_parser
+from plumbing.artifacts import atomic_write_json
+from plumbing.console import setup_logging
 from serve.engine import offline_engine
 from serve.pack import pack_ensemble, read_config, weight_shapes
 from train.data import load_tokenizer
@@ -297,8 +299,7 @@ def markdown(record: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.perf.serve_throughput", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = perf_parser("serve_throughput", __doc__)
     parser.add_argument("--members", nargs="+", required=True, help="member model directories (K=4 reuses them in order)")
     parser.add_argument("--requests", type=int, default=256, help="concurrent requests in the load (default 256)")
     parser.add_argument("--prompt-len", type=int, nargs=2, default=(4, 32), metavar=("MIN", "MAX"),
@@ -317,7 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", help="where packed ensembles go (default: a temporary directory)")
     parser.add_argument("--out", help="write the JSON record here")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     members = [Path(m) for m in args.members]
     for m in members:
         if not (m / "config.json").exists():
@@ -340,9 +341,7 @@ def main(argv: list[str] | None = None) -> None:
     record["seed"] = args.seed
     print(markdown(record))
     if args.out:
-        tmp_out = Path(args.out).with_suffix(".tmp")
-        tmp_out.write_text(json.dumps(record, indent=1))
-        os.replace(tmp_out, args.out)
+        atomic_write_json(args.out, record)
 
 
 if __name__ == "__main__":

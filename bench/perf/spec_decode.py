@@ -17,18 +17,16 @@ ratio is the draft's median over plain's median from the same run. Prints one JS
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import multiprocessing as mp
 import os
 import time
 from pathlib import Path
 
-import numpy as np
-
-from serve.draft import DRAFT_SAMPLING
+from bench.perf.timing import in_fresh_process, interleaved, median_spread, perf_parser
 from plumbing.artifacts import atomic_write_json
+from plumbing.console import setup_logging
+from serve.draft import DRAFT_SAMPLING
 
 log = logging.getLogger(__name__)
 SPEC_COUNTERS = ("vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens",
@@ -52,9 +50,8 @@ def counters(llm) -> dict[str, float]:
 
 
 def run_contender(target: str, draft: str | None, n_spec: int, concurrency: list[int], tokens: int,
-                  temperatures: list[float], prompts: list[list[int]], kv_cache_bytes: int, sampling: str,
-                  queue) -> None:
-    """In a fresh process: one engine, every (temperature, concurrency) cell; put {cell: figures}."""
+                  temperatures: list[float], prompts: list[list[int]], kv_cache_bytes: int, sampling: str) -> dict:
+    """In a fresh process: one engine, every (temperature, concurrency) cell; {cell: figures}."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -86,18 +83,12 @@ def run_contender(target: str, draft: str | None, n_spec: int, concurrency: list
                 cell["tokens_per_step"] = 1 + accepted / drafts if drafts else None
             cells[f"t{temperature:g}-c{c}"] = cell
     llm.llm_engine.engine_core.shutdown()
-    queue.put(cells)
+    return cells
 
 
 def measure(args, name: str, draft: str | None, sampling: str, prompts: list[list[int]]) -> dict:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=run_contender, args=(args.target, draft, args.num_speculative_tokens, args.concurrency,
-                                                   args.tokens, args.temperatures, prompts,
-                                                   int(args.kv_cache_gib * (1 << 30)), sampling, queue))
-    proc.start()
-    cells = queue.get()
-    proc.join()
+    cells = in_fresh_process(run_contender, args.target, draft, args.num_speculative_tokens, args.concurrency,
+                             args.tokens, args.temperatures, prompts, int(args.kv_cache_gib * (1 << 30)), sampling)
     log.info("%s: %s", name, {k: round(v["per_request_tokens_per_s"], 1) for k, v in cells.items()})
     return cells
 
@@ -111,8 +102,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
             for key in ("per_request_tokens_per_s", "aggregate_tokens_per_s", "acceptance", "tokens_per_step"):
                 values = [r[cell].get(key) for r in reps if r[cell].get(key) is not None]
                 if values:
-                    fig[key] = {"median": float(np.median(values)), "spread": [min(values), max(values)],
-                                "runs": values}
+                    fig[key] = {**median_spread(values), "runs": values}
             out[name][cell] = fig
     for name in runs:
         if name == "plain":
@@ -127,8 +117,7 @@ def summarize(runs: dict[str, list[dict]]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.perf.spec_decode", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = perf_parser("spec_decode", __doc__)
     p.add_argument("--target", required=True, help="the packed ensemble (or any model) that verifies")
     p.add_argument("--drafts", nargs="+", required=True, help="draft model directories, one contender each")
     p.add_argument("--data-dir", help="train/ dataset whose validation windows give the prompts (default: BOS + one token)")
@@ -144,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--kv-cache-gib", type=float, default=2.0, help="KV cache per engine, GiB (default 2)")
     p.add_argument("--out", help="also write the JSON record here (vLLM's engine processes log to stdout too)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     from serve.draft import check_draft
     from serve.pack import read_config
@@ -157,10 +146,8 @@ def main(argv: list[str] | None = None) -> None:
                   **{f"draft:{Path(d).resolve().parent.name}/{Path(d).name}:{m}": (d, m)
                      for d in args.drafts for m in args.draft_sampling}}
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
-    for repeat in range(args.repeats):
-        order = list(contenders) if repeat % 2 == 0 else list(reversed(contenders))
-        for name in order:
-            runs[name].append(measure(args, name, *contenders[name], prompts))
+    for _, _, name in interleaved(contenders, args.repeats):
+        runs[name].append(measure(args, name, *contenders[name], prompts))
     record = {"target": str(Path(args.target).resolve()), "drafts": args.drafts, "tokens": args.tokens,
               "concurrency": args.concurrency, "temperatures": args.temperatures,
               "num_speculative_tokens": args.num_speculative_tokens, "draft_sampling": args.draft_sampling,

@@ -14,7 +14,6 @@ measure again).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import socket
@@ -22,9 +21,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from synthdata.job import GenerateConfig, generate, read_manifest
+from bench.perf.timing import perf_parser
 from plumbing.artifacts import atomic_write_json
 from plumbing.console import setup_logging
+from synthdata.job import GenerateConfig, generate, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,7 @@ def measure(teacher: str, tokens: int, shard_tokens: int, replicas: int, out: Pa
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m bench.perf.synth_endpoint_throughput", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = perf_parser("synth_endpoint_throughput", __doc__)
     parser.add_argument("--teacher", required=True, help="packed ensemble (or member) directory")
     parser.add_argument("--tokens", type=int, default=100_000, help="budget of each job (default 100000)")
     parser.add_argument("--shard-tokens", type=int, default=10_000, help="tokens per shard (default 10000)")

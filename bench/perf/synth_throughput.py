@@ -19,16 +19,16 @@ engine start-up is excluded everywhere (the job's clock starts once its engines 
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
-import multiprocessing as mp
 import os
 import shutil
 import time
 from pathlib import Path
 
+from bench.perf.timing import in_fresh_process, interleaved, perf_parser
+from plumbing.console import setup_logging
 from synthdata.engine import SamplingSettings, engine_env
 from synthdata.job import GenerateConfig, engine_cores, generate, read_manifest
 from synthdata.teacher import read_teacher
@@ -37,9 +37,9 @@ log = logging.getLogger(__name__)
 
 
 def raw_generate(teacher_dir: str, bos: int, n_sequences: int, settings: SamplingSettings, seed: int,
-                 seeded: bool, result: mp.Queue) -> None:
+                 seeded: bool) -> tuple[int, float]:
     """In a fresh process: one LLM.generate over n BOS-only prompts (one seed per sequence if `seeded`);
-    put (generated tokens, seconds)."""
+    (generated tokens, seconds)."""
     os.environ.update(engine_env(1.0, engine_cores(1)[0]))
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
@@ -52,19 +52,13 @@ def raw_generate(teacher_dir: str, bos: int, n_sequences: int, settings: Samplin
     start = time.perf_counter()
     outputs = llm.generate([TokensPrompt(prompt_token_ids=[bos])] * n_sequences, params, use_tqdm=False)
     seconds = time.perf_counter() - start
-    result.put((sum(len(o.outputs[0].token_ids) for o in outputs), seconds))
+    return sum(len(o.outputs[0].token_ids) for o in outputs), seconds
 
 
 def measure_raw(teacher_dir: str, tokens: int, settings: SamplingSettings, seeded: bool) -> dict:
     teacher = read_teacher(teacher_dir)
     n = math.ceil(tokens / settings.max_len)
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=raw_generate,
-                       args=(str(teacher.path), teacher.bos_token_id, n, settings, 0, seeded, queue))
-    proc.start()
-    generated, seconds = queue.get()
-    proc.join()
+    generated, seconds = in_fresh_process(raw_generate, str(teacher.path), teacher.bos_token_id, n, settings, 0, seeded)
     return {"sequences": n, "generated_tokens": generated, "seconds": seconds, "tokens_per_s": generated / seconds}
 
 
@@ -99,11 +93,9 @@ def run(teacher: str, tokens: int, work: Path, replicas: list[int], shard_tokens
         r = replicas[0]
         contenders[f"job-{r}-topk{topk}"] = lambda: measure_job(teacher, tokens, r, work / "topk", shard_tokens, topk)
     runs: dict[str, list[dict]] = {name: [] for name in contenders}
-    for repeat in range(repeats):
-        order = list(contenders) if repeat % 2 == 0 else list(reversed(contenders))
-        for name in order:
-            runs[name].append({**contenders[name](), "repeat": repeat, "position": order.index(name)})
-            log.info("repeat %d, %s: %.0f tokens/s", repeat, name, runs[name][-1]["tokens_per_s"])
+    for repeat, position, name in interleaved(contenders, repeats):
+        runs[name].append({**contenders[name](), "repeat": repeat, "position": position})
+        log.info("repeat %d, %s: %.0f tokens/s", repeat, name, runs[name][-1]["tokens_per_s"])
     figures = {name: summary(r) for name, r in runs.items()}
     rate = {name: f["tokens_per_s"] for name, f in figures.items()}
     first_job = f"job-{replicas[0]}"
@@ -121,8 +113,7 @@ def run(teacher: str, tokens: int, work: Path, replicas: list[int], shard_tokens
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.perf.synth_throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = perf_parser("synth_throughput", __doc__)
     p.add_argument("--teacher", required=True, help="teacher model directory (packed ensemble or member)")
     p.add_argument("--tokens", type=int, default=40_000, help="token budget of each measurement (default 40000)")
     p.add_argument("--work", required=True, help="scratch directory for the jobs' output")
@@ -134,7 +125,7 @@ def main() -> None:
     args = p.parse_args()
     if min(args.tokens, args.repeats, *args.replicas) < 1:
         p.error("--tokens, --repeats and --replicas must be >= 1")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     print(json.dumps(run(args.teacher, args.tokens, Path(args.work), args.replicas, args.shard_tokens, args.repeats,
                          args.topk), indent=1))
 

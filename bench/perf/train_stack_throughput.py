@@ -7,7 +7,7 @@ For each preset, K members of one configuration are trained three ways, each for
 Throughput is steady state, from the runs' own metrics windows (the first window, with one-time start-up costs,
 is dropped): stacked = the stack's tokens/s; sequential = a lone run's tokens/s (one run at a time); ray =
 runs at once x a lone run's tokens/s (the runs of one wave overlap). MFU of the stacked run is measured against
-this machine's fp32 GEMM peak (bench/perf/train_throughput.measure_gemm_peak) in the same run, per window: median
+this machine's fp32 GEMM peak (bench/perf/mfu.measure_gemm_peak) in the same run, per window: median
 and spread. `--compare-vmap` also times one forward+backward of the hand-written stack against
 torch.func (stack_module_state + functional_call + vmap over HF LlamaForCausalLM).
 
@@ -15,8 +15,8 @@ torch.func (stack_module_state + functional_call + vmap over HF LlamaForCausalLM
 """
 from __future__ import annotations
 
-import argparse
 import copy
+import dataclasses
 import json
 import os
 import shutil
@@ -27,22 +27,19 @@ from pathlib import Path
 
 import torch
 
-from bench.perf.train_throughput import measure_gemm_peak
-from train.corpus import default_corpus
-from train.data import DatasetSpec, prepare_dataset, read_manifest
-from train.members import run_trainings
-from train.model import flops_per_token, get_shape, llama_config
+from bench.perf.mfu import (add_training_flags, ensure_default_dataset, measure_gemm_peak, preset_flops_per_token,
+                            steady_windows)
+from bench.perf.timing import perf_parser
+from plumbing.artifacts import atomic_write_json
 from plumbing.ray_session import ray_session
+from train.data import read_manifest
+from train.members import run_trainings
+from train.model import get_shape, llama_config
 from train.stacked import train_stack
 from train.trainer import TrainConfig, train_member
 
 PRESETS = ("cpu-xxs", "cpu-xs", "cpu-s", "cpu-m")
 TARGETS = {"cpu-xxs": 2.0, "cpu-xs": 2.0, "cpu-s": 1.3, "cpu-m": 1.0}
-
-
-def _windows(run_dir: Path, key: str) -> list[float]:
-    records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r[key] for r in records if key in r][1:]  # the first window holds one-time start-up costs
 
 
 def compare_vmap(preset: str, k: int, batch: int, context: int, vocab: int, repeats: int = 3) -> dict[str, float]:
@@ -90,24 +87,19 @@ def compare_vmap(preset: str, k: int, batch: int, context: int, vocab: int, repe
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.perf.train_stack_throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = perf_parser("train_stack_throughput", __doc__)
     p.add_argument("--presets", nargs="+", default=list(PRESETS), help=f"presets (default {' '.join(PRESETS)})")
     p.add_argument("--k", type=int, default=4, help="members (default 4)")
     p.add_argument("--steps", type=int, default=12, help="steps per run (default 12: 4 windows of 3, 3 timed)")
     p.add_argument("--log-every", type=int, default=3, help="steps per timed window (default 3)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
-    p.add_argument("--data-dir", default="data/default", help="dataset (built from the default corpus if missing)")
+    add_training_flags(p)
     p.add_argument("--compare-vmap", action="store_true", help="also time torch.func vmap against the hand-written stack")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.steps // args.log_every < 4:
         p.error("need at least 4 windows (--steps >= 4 x --log-every): the first is dropped, >= 3 are timed")
 
-    if not (Path(args.data_dir) / "manifest.json").exists():
-        prepare_dataset(DatasetSpec(corpus=(str(default_corpus(".cache/corpus")),)), args.data_dir)
+    ensure_default_dataset(args.data_dir)
     manifest = read_manifest(args.data_dir)
     cpus = os.cpu_count() or 1
     peak = measure_gemm_peak(args.threads)
@@ -120,29 +112,29 @@ def main(argv: list[str] | None = None) -> None:
                 base = TrainConfig(data_dir=args.data_dir, preset=preset, tokens=tokens, epochs=1,
                                    batch_size=args.batch_size, context=args.context, log_every=args.log_every,
                                    checkpoint_every=10**9)
-                configs = [dataclass_replace(base, seed=s, threads=args.threads) for s in range(args.k)]
+                configs = [dataclasses.replace(base, seed=s, threads=args.threads) for s in range(args.k)]
                 out = root / preset
                 t = time.perf_counter()
                 train_stack(configs, [out / "stacked" / f"seed-{s}" for s in range(args.k)], progress=True, peak_flops=peak)
                 wall_stacked = time.perf_counter() - t
-                stacked = _windows(out / "stacked" / "seed-0", "stack_tokens_per_s")
-                mfu = _windows(out / "stacked" / "seed-0", "mfu")
+                stacked = steady_windows(out / "stacked" / "seed-0", "stack_tokens_per_s")
+                mfu = steady_windows(out / "stacked" / "seed-0", "mfu")
 
                 t = time.perf_counter()
                 for c in configs:
                     train_member(c, out / "sequential" / f"seed-{c.seed}", progress=False)
                 wall_seq = time.perf_counter() - t
-                sequential = [w for c in configs for w in _windows(out / "sequential" / f"seed-{c.seed}", "tokens_per_s")]
+                sequential = [w for c in configs
+                              for w in steady_windows(out / "sequential" / f"seed-{c.seed}", "tokens_per_s")]
 
                 t = time.perf_counter()
-                ray_configs = [dataclass_replace(c, threads=0) for c in configs]  # run_trainings gives each its share
+                ray_configs = [dataclasses.replace(c, threads=0) for c in configs]  # run_trainings gives each its share
                 run_trainings(ray_configs, [out / "ray" / f"seed-{c.seed}" for c in configs], desc=f"{preset} ray")
                 wall_ray = time.perf_counter() - t
-                per_run = [w for c in configs for w in _windows(out / "ray" / f"seed-{c.seed}", "tokens_per_s")]
+                per_run = [w for c in configs for w in steady_windows(out / "ray" / f"seed-{c.seed}", "tokens_per_s")]
                 concurrent = min(args.k, cpus)
 
-                fpt = flops_per_token(llama_config(get_shape(preset), manifest["vocab_size"], args.context, 0, 1),
-                                      args.context)
+                fpt = preset_flops_per_token(preset, manifest["vocab_size"], args.context)
                 row = {"preset": preset, "non_embedding_params": get_shape(preset).non_embedding_params(),
                        "stacked_tokens_per_s": statistics.median(stacked),
                        "stacked_windows": stacked,
@@ -180,13 +172,7 @@ def main(argv: list[str] | None = None) -> None:
             f = r["fwd_bwd_s"]
             print(f"| {r['preset']} | {f['hand'] * 1e3:.0f} ms | {f['vmap'] * 1e3:.0f} ms | {f['vmap'] / f['hand']:.2f}x |")
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak_flops": peak, "rows": rows, "args": vars(args)}, indent=1))
-
-
-def dataclass_replace(cfg, **kw):
-    import dataclasses
-
-    return dataclasses.replace(cfg, **kw)
+        atomic_write_json(args.json, {"peak_flops": peak, "rows": rows, "args": vars(args)})
 
 
 if __name__ == "__main__":

@@ -8,74 +8,33 @@ train.trainer (the code members are trained with), whose windows log tokens/s an
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.perf.mfu import (add_training_flags, datasheet_peak, ensure_default_dataset, measure_gemm_peak,
+                            measure_matmul_peak, preset_flops_per_token, steady_windows)
+from bench.perf.timing import perf_parser
 from plumbing.artifacts import atomic_write_json
-from train.corpus import default_corpus
-from train.data import DatasetSpec, prepare_dataset
-from train.model import flops_per_token, get_shape, llama_config
+from train.data import read_manifest
+from train.model import get_shape
 from train.trainer import TrainConfig, train_member
 
 
-def measure_gemm_peak(threads: int, n: int = 2048, repeats: int = 8) -> float:
-    """Best fp32 FLOP/s of an n x n matmul on `threads` CPU threads."""
-    torch.set_num_threads(threads)
-    return measure_matmul_peak(torch.device("cpu"), torch.float32, n, repeats)
-
-
-def measure_matmul_peak(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 8) -> float:
-    """Best FLOP/s of an n x n matmul on `device` in `dtype`: the peak MFU is measured against, on the device
-    and in the precision training computes in (fp32 on CPU, bf16 under autocast on CUDA), never the CPU's."""
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    inner = 20 if device.type == "cuda" else 1  # a GPU matmul is too short to time alone
-    torch.mm(a, b)
-    sync()
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for _ in range(inner):
-            torch.mm(a, b)
-        sync()
-        best = max(best, inner * 2 * n**3 / (time.perf_counter() - t))
-    return best
-
-
-# Dense bf16 tensor-core peaks from the vendors' data sheets (no sparsity), FLOP/s: printed beside the measured peak.
-DATASHEET_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
-
-
-def datasheet_peak(device: torch.device) -> tuple[str, float | None]:
-    if device.type != "cuda":
-        return "cpu", None
-    name = torch.cuda.get_device_name(device)
-    return name, next((v for k, v in DATASHEET_BF16.items() if k in name), None)
-
-
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m bench.perf.train_throughput", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = perf_parser("train_throughput", __doc__)
     p.add_argument("--preset", default="cpu-xl", help="model preset (default cpu-xl, the largest CPU preset)")
     p.add_argument("--steps", type=int, default=30, help="training steps to time (default 30)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--context", type=int, default=128)
-    p.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads (default: all CPUs)")
-    p.add_argument("--data-dir", default="data/default", help="dataset (built from the default corpus if missing)")
+    add_training_flags(p)
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
 
-    if not (Path(args.data_dir) / "manifest.json").exists():
-        prepare_dataset(DatasetSpec(corpus=(str(default_corpus(".cache/corpus")),)), args.data_dir)
+    ensure_default_dataset(args.data_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
     if device.type == "cuda":  # the trainer computes in bf16 under autocast there (fp32 master weights)
@@ -89,14 +48,10 @@ def main(argv: list[str] | None = None) -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="chorus-train-bench-"))
     try:
         train_member(cfg, run_dir, progress=True, peak_flops=peak)
-        records = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        tps = float(np.median(steady_windows(run_dir, "tokens_per_s")))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    windows = [r for r in records if "tokens_per_s" in r][1:]  # the first window holds one-time start-up costs
-    tps = float(np.median([r["tokens_per_s"] for r in windows]))
-    from train.data import read_manifest
-    m = read_manifest(args.data_dir)
-    fpt = flops_per_token(llama_config(get_shape(args.preset), m["vocab_size"], args.context, 0, 1), args.context)
+    fpt = preset_flops_per_token(args.preset, read_manifest(args.data_dir)["vocab_size"], args.context)
     mfu = tps * fpt / peak
     figures = {"preset": args.preset, "non_embedding_params": get_shape(args.preset).non_embedding_params(),
                "threads": args.threads, "gemm_peak_gflops": peak / 1e9, "train_tokens_per_s": tps,
