@@ -49,6 +49,7 @@ class Study(TrainingPhases, DistillationPhases):
         for k in set(profile) - set(stored):  # a field added since the study started, at its default: the same study
             if k in defaults and profile[k] == defaults[k]:
                 stored[k] = profile[k]
+        stored["description"] = profile["description"]  # prose: rewording it does not make another study
         if stored != profile:
             diff = sorted(k for k in profile if self.results["profile"].get(k) != profile[k])
             raise StudyError(f"{self.out} holds a study of another profile (differs in: {', '.join(diff)}); "
