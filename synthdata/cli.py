@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from synthdata.job import MODES, GenerateConfig, generate
+from synthdata.annotate import AnnotateConfig
+from synthdata.job import GenerateConfig, generate
+from plumbing.config_flags import add_flags, from_args
 from plumbing.console import exit_on, setup_logging
 
 
@@ -17,38 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sample sequences from BOS alone with a teacher (a packed ensemble or one member) into "
                     "Parquet shards + manifest.json in --out. Resumable: after a kill, re-run the same command; "
                     "a finished job is not redone. The same command always gives the same tokens.")
-    p.add_argument("--teacher", required=True, help="teacher model directory (serve/'s packed ensemble, or a member)")
-    p.add_argument("--tokens", type=int, required=True, help="exact budget of stored tokens (BOS and EOS included)")
-    p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
-    p.add_argument("--mode", choices=MODES, default="ensemble",
-                   help="ensemble: sample the logit-averaged ensemble (default); mixture: each sequence from one "
-                        "member drawn at random (one engine per member)")
-    p.add_argument("--replicas", type=int, default=1, help="engine replicas in parallel (default 1)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default 1)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (default 1: off)")
-    p.add_argument("--max-len", type=int, help="tokens per sequence, BOS included (default: the teacher's context)")
-    p.add_argument("--seed", type=int, default=0, help="job seed: fixes every shard's and sequence's seed (default 0)")
-    p.add_argument("--shard-tokens", type=int, default=100_000, help="tokens per shard, the unit of resume (default 100000)")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray); every node must see --teacher "
-                                     "and --out at the same paths (a shared filesystem)")
-    p.add_argument("--endpoint", help="base URL of a live Chorus endpoint (`python -m serve up`) serving --teacher: "
-                                      "sample through it (one request per sequence, with its seed) instead of "
-                                      "starting engines; --replicas shards at a time; key from $CHORUS_API_KEY")
-    p.add_argument("--max-restarts", type=int, default=4,
-                   help="replicas restarted (or endpoint failures retried) per job after one is lost (default 4)")
-    p.add_argument("--topk", type=int, default=0,
-                   help="also store the teacher's k most likely next tokens and their log-probs at every position "
-                        "(soft labels for `python -m distill --blend`; temperature 1, no top-p); default 0: off")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache per engine on CPU, GiB (default 1)")
-    p.add_argument("--inflight", type=int, default=512,
-                   help="sequences kept in each engine's queue (endpoint: requests in flight per slot); default 512")
-    p.add_argument("--hang-timeout-s", type=float, default=300.0,
-                   help="an engine call unanswered this long is a hung engine, replaced like a dead one (default 300)")
-    p.add_argument("--draft", help="speculative decoding: this model (the distilled student, a member, any Llama "
-                                   "sharing the tokenizer) drafts, the teacher verifies; samples keep the teacher's "
-                                   "distribution (other tokens than without it, so another job)")
-    p.add_argument("--num-speculative-tokens", type=int, default=4, help="tokens the draft proposes per step (default 4)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_flags(p, GenerateConfig, ["teacher", "tokens", "out", "mode", "replicas", "temperature", "top_p", "max_len",
+                                  "seed", "shard_tokens", "address", "endpoint", "max_restarts", "topk", "kv_cache_gib",
+                                  "inflight", "hang_timeout_s", "draft", "num_speculative_tokens", "progress"])
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -58,17 +31,19 @@ def build_parser() -> argparse.ArgumentParser:
                     "next tokens, their log-probs and the tail mass at every position in --out, for a soft-label "
                     "student (`python -m distill --annotations OUT --blend B`). Resumable and exactly-once like "
                     "`generate`; a finished job is not redone.")
-    p.add_argument("--teacher", required=True, help="teacher model directory (a packed ensemble, or a member)")
-    p.add_argument("--data-dir", required=True, help="train/ dataset directory (`python -m train data`)")
-    p.add_argument("--context", type=int, required=True, help="the student's context (window length)")
-    p.add_argument("--tokens", type=int, required=True,
-                   help="training tokens to annotate: the student's budget D (a smaller D reuses a prefix)")
-    p.add_argument("--topk", type=int, default=32, help="teacher tokens kept per position (default 32)")
-    p.add_argument("--out", required=True, help="output directory (shards + manifest.json)")
-    p.add_argument("--windows-per-shard", type=int, default=256, help="windows per shard, the unit of resume (default 256)")
-    p.add_argument("--address", help="Ray cluster address (default: a private local Ray)")
-    p.add_argument("--kv-cache-gib", type=float, default=1.0, help="KV cache of the engine on CPU, GiB (default 1)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    # The flags follow AnnotateConfig's fields; their help is worded here until it moves onto the fields.
+    add_flags(p, AnnotateConfig, ["teacher", "data_dir", "context", "tokens", "topk", "out", "windows_per_shard",
+                                  "address", "kv_cache_gib", "progress"], help={
+        "teacher": "teacher model directory (a packed ensemble, or a member)",
+        "data_dir": "train/ dataset directory (`python -m train data`)",
+        "context": "the student's context (window length)",
+        "tokens": "training tokens to annotate: the student's budget D (a smaller D reuses a prefix)",
+        "topk": "teacher tokens kept per position (default %(default)s)",
+        "out": "output directory (shards + manifest.json)",
+        "windows_per_shard": "windows per shard, the unit of resume (default %(default)s)",
+        "address": "Ray cluster address (default: a private local Ray)",
+        "kv_cache_gib": "KV cache of the engine on CPU, GiB (default %(default)g)",
+        "progress": "no progress bar"})
     p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("check", help="check a job's samples against the teacher's PyTorch reference",
@@ -83,23 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_generate(args) -> dict:
-    cfg = GenerateConfig(teacher=args.teacher, tokens=args.tokens, out=args.out, mode=args.mode,
-                         replicas=args.replicas, temperature=args.temperature, top_p=args.top_p,
-                         max_len=args.max_len, seed=args.seed, shard_tokens=args.shard_tokens,
-                         address=args.address, kv_cache_gib=args.kv_cache_gib, progress=not args.no_progress,
-                         endpoint=args.endpoint, max_restarts=args.max_restarts, topk=args.topk,
-                         inflight=args.inflight, hang_timeout_s=args.hang_timeout_s, draft=args.draft,
-                         num_speculative_tokens=args.num_speculative_tokens)
-    return generate(cfg)
+    return generate(from_args(GenerateConfig, args))
 
 
 def cmd_annotate(args) -> dict:
-    from synthdata.annotate import AnnotateConfig, annotate
+    from synthdata.annotate import annotate
 
-    return annotate(AnnotateConfig(teacher=args.teacher, data_dir=args.data_dir, out=args.out, context=args.context,
-                                   tokens=args.tokens, topk=args.topk, windows_per_shard=args.windows_per_shard,
-                                   kv_cache_gib=args.kv_cache_gib, address=args.address,
-                                   progress=not args.no_progress))
+    return annotate(from_args(AnnotateConfig, args))
 
 
 def cmd_check(args) -> dict:

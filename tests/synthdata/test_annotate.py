@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from synthdata.annotate import AnnotateConfig, Annotations, annotate
-from synthdata.job import JobError
+from synthdata.shards import JobError
 from plumbing.artifacts import sha256_file
 from train.data import DataError, load_tokens, windows
 

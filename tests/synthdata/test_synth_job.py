@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,9 +12,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+from synthdata.batching import sequence_draws
 from synthdata.check import sampling_check
-from synthdata.job import (GenerateConfig, JobError, content_hash, duplicate_sequences, generate, plan_shards,
-                           sequence_draws)
+from synthdata.job import GenerateConfig, generate, plan_shards
+from synthdata.shards import JobError, content_hash, duplicate_sequences
 from synthdata.loader import TokenShards
 from synthdata.teacher import TeacherError
 from conftest import SYNTH_SHARD_TOKENS, SYNTH_TOKENS

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from synthdata.check import sampling_check
-from synthdata.job import MANIFEST_FORMAT, GenerateConfig, generate, read_manifest
+from synthdata.job import GenerateConfig, generate
+from synthdata.shards import MANIFEST_FORMAT, read_manifest
 from synthdata.teacher import member_dirs, read_teacher
 
 

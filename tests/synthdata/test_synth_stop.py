@@ -21,8 +21,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from synthdata.batching import sequence_draws
 from synthdata.engine import HANG_ENV
-from synthdata.job import GenerateConfig, generate, plan_shards, sequence_draws
+from synthdata.job import GenerateConfig, generate, plan_shards
 from plumbing.artifacts import sha256_file
 
 ENV = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
@@ -112,7 +113,7 @@ def test_hung_engine_is_replaced_and_its_shards_remade_whole(packed_teacher, tmp
     # the engine's 3rd call hangs: ~1 s into generation, with shards open (each call steps ~0.5 s; the whole job
     # takes ~10 calls: at 9,000 tokens and the 6th call, the faster engine had finished before the hang)
     monkeypatch.setenv(HANG_ENV, f"{flag}:3")
-    with caplog.at_level(logging.WARNING, logger="synthdata.job"):
+    with caplog.at_level(logging.WARNING, logger="synthdata.batching"):
         summary = generate(GenerateConfig(out=str(tmp_path / "hung"), hang_timeout_s=20, **common))
     assert not flag.exists()  # the hang happened ...
     assert "hung" in caplog.text and "back to the queue, whole" in caplog.text  # ... was caught, and the engine replaced
