@@ -8,12 +8,13 @@ The gradient of member k depends on its own loss only, so each member is still e
     (`torch.manual_seed(seed); LlamaForCausalLM(config)`), stacked;
   - data: `EpochBatches` with its own seed; AdamW moments, learning rate, weight decay and gradient
     clipping are per member (the norm is each member's own, never the stack's);
-  - the output is K ordinary run directories written by train/trainer.py's `finish_run`.
+  - the output is K ordinary run directories written by train/loop.py's `finish_run`, as a lone run's.
 
 The model is hand-written with batched matmuls (`bmm`) and matches Hugging Face's LlamaForCausalLM
 op for op: RMSNorm, rotary embeddings (HF's own module), SDPA causal attention with grouped KV heads,
 SwiGLU MLP, untied (or tied) output head. q/k/v and gate/up are stored fused (one bmm each), in the layout of
-train.model.STACKED_PARAMS_MAPPING (the serving engine's too); they are split back into HF's names when a member is written. Its forward is bit-identical to HF's.
+train.model.STACKED_PARAMS_MAPPING (the serving engine's too); they are split back into HF's names when a member
+is written. Its forward is bit-identical to HF's.
 The alternative, `torch.func` stack_module_state + functional_call + vmap over the HF model, was timed
 against it (bench/perf/train_stack_throughput.py --compare-vmap): one forward+backward of K=4 cpu-xxs members at
 batch 32 x 128 took 635 ms hand-written vs 2602 ms vmapped (a shared, loaded 2-core box); the hand-written

@@ -48,6 +48,20 @@ def _relative_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -
 
 # ---- the model and the optimizer, against Hugging Face and torch ------------------------------------
 
+def test_fused_layout_round_trips_hf_names():
+    """train.model's one fused layout (also the engine's): q | k | v and gate | up rows, GQA widths included."""
+    from train.model import STACKED_PARAMS_MAPPING, Shape, fuse_layer, unfuse_layer
+
+    config = llama_config(Shape(hidden=128, mlp=256, heads=4, kv_heads=2, layers=1), 64, 32, 1, 2, 0)
+    state = LlamaForCausalLM(config).state_dict()
+    fused = fuse_layer(state, "model.layers.0.")
+    assert fused["qkv_proj"].shape == (128 + 2 * 64, 128) and fused["gate_up_proj"].shape == (2 * 256, 128)
+    assert torch.equal(fused["qkv_proj"][128:192], state["model.layers.0.self_attn.k_proj.weight"])
+    back = unfuse_layer(fused, config, "model.layers.0.")
+    assert set(back) == {f"model.layers.0.{hf}.weight" for _, hf, _ in STACKED_PARAMS_MAPPING}
+    assert all(torch.equal(v, state[name]) for name, v in back.items())
+
+
 def test_stacked_forward_is_hf_llama_and_members_start_as_lone_runs():
     """Logits of each member equal LlamaForCausalLM's bit for bit (with grouped KV heads too), and member k
     starts from exactly the weights `torch.manual_seed(seed); LlamaForCausalLM(config)` gives."""
