@@ -52,15 +52,15 @@ def compare_jobs(a: Path, b: Path) -> dict:
 
 def measure(teacher: str, tokens: int, shard_tokens: int, replicas: int, out: Path, seed: int = 0,
             kv_cache_gib: float = 1.0) -> dict:
-    from serve.app import EnsembleConfig, start_app, stop_app
+    from serve.app import DeploymentSettings, EngineSettings, EnsembleConfig, HttpSettings, start_app, stop_app
 
     common = {"teacher": teacher, "tokens": tokens, "shard_tokens": shard_tokens, "replicas": replicas,
               "seed": seed, "kv_cache_gib": kv_cache_gib}
     log.info("offline job: %d replica(s) of the job's own engines", replicas)
     offline = generate(GenerateConfig(out=str(out / "offline"), **common))
     log.info("endpoint: serve up with %d replica(s), then the same job through it", replicas)
-    url = start_app(EnsembleConfig(model_dir=teacher, replicas=replicas, port=free_port(),
-                                   kv_cache_bytes=int(kv_cache_gib * (1 << 30))))
+    url = start_app(EnsembleConfig(model_dir=teacher, engine=EngineSettings(kv_cache_gib=kv_cache_gib),
+                                   deployment=DeploymentSettings(replicas=replicas), http=HttpSettings(port=free_port())))
     try:
         endpoint = generate(GenerateConfig(out=str(out / "endpoint"), endpoint=url, **common))
     finally:
