@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from bench.science.fits import data_efficiency, fit_power_law
+from plumbing.artifacts import read_json_lines
 from plumbing.console import ChorusError, exit_on, setup_logging
 
 log = logging.getLogger(__name__)
@@ -18,8 +19,6 @@ class PointsError(ChorusError):
 
 def read_points(path: str | Path, x_key: str, y_key: str, series_key: str | None) -> dict[str, tuple[list, list]]:
     """JSON lines -> {series: (x values, y values)}; records without the series key form one series ''."""
-    from bench.evaluation.downstream import read_json_lines
-
     series: dict[str, tuple[list, list]] = {}
     for where, record in read_json_lines(Path(path), PointsError):
         for key in (x_key, y_key):

@@ -196,6 +196,23 @@ def read_manifest(path: str | Path, fmt: str, what: str, missing: str | None = N
     return manifest
 
 
+def read_json_lines(path: Path, error: type[Exception]) -> Iterator[tuple[str, dict]]:
+    """('file:line', record) for each non-blank line; a missing file or a bad line raises `error`, named."""
+    if not path.exists():
+        raise error(f"{path} does not exist")
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{number}: not JSON ({e})") from None
+            if not isinstance(record, dict):
+                raise error(f"{path}:{number}: expected a JSON object")
+            yield f"{path}:{number}", record
+
+
 def _mounts() -> list[tuple[str, str, list[str]]]:
     """(mount point, filesystem type, options) of every mount, from /proc/mounts; empty where there is none."""
     try:

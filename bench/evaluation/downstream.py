@@ -16,10 +16,9 @@ Task files are JSON lines (../shared/data/README.md): {"query", "choices", "gold
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 from bench.evaluation.loss import EvalError, LogProbModel, context_length, load_model
+from plumbing.artifacts import read_json_lines
 from train.data import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -48,23 +48,6 @@ class ClozeItem:
     context: str
     continuation: str
     target_delimiter: str = DEFAULT_DELIMITER
-
-
-def read_json_lines(path: Path, error: type[Exception]) -> Iterator[tuple[str, dict]]:
-    """('file:line', record) for each non-blank line; a missing file or a bad line raises `error`, named."""
-    if not path.exists():
-        raise error(f"{path} does not exist")
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise error(f"{path}:{number}: not JSON ({e})") from None
-            if not isinstance(record, dict):
-                raise error(f"{path}:{number}: expected a JSON object")
-            yield f"{path}:{number}", record
 
 
 def read_task(path: str | Path, limit: int | None = None) -> list[MultipleChoiceItem] | list[ClozeItem]:

@@ -27,6 +27,7 @@ def test_heldout_next_word_is_a_valid_four_way_task(tiny_dataset):
     assert heldout_next_word(tiny_dataset, 50) == items  # seeded: every run of the job scores the same items
 
 
+@pytest.mark.fast
 def test_main_profile_is_the_smallest_and_serves():
     main = load_profile("main")
     assert main.context >= 256  # lm-evaluation-harness's multiple-choice items fit
@@ -63,6 +64,7 @@ def test_story_shows_standard_regularized_ensemble_student_side_by_side():
     assert "above 100%: the student beats the ensemble itself" in text  # 5.205 < the ensemble's 5.22
 
 
+@pytest.mark.fast
 def test_story_says_not_shown_when_seeds_overlap():
     # negative control: standard and regularized seeds interleave, students sit among the members
     results = main_results([5.30, 5.34, 5.29], [5.31, 5.33, 5.28], [5.33, 5.29])
@@ -96,6 +98,7 @@ def test_story_puts_the_soft_label_student_beside_the_best_single_model_and_its_
     assert "The teacher's soft labels beat the same schedule on real data alone: NOT shown" in text
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("bad, message", [
     ({"seeds": 1}, "field 'seeds'"), ({"presets": ["cpu-nope"]}, "field 'presets'"),
     ({"distill_preset": "cpu-s"}, "field 'distill_preset'"), ({"colour": 1}, "unknown field(s) colour"),
@@ -147,6 +150,7 @@ def test_flags_set_profile_fields_and_start_sets_a_fixed_recipe(tmp_path, monkey
     assert p.tokens == load_profile("main").tokens  # the rest is the profile's
 
 
+@pytest.mark.fast
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "8"], "does not search: --epochs"),  # a grid of a profile that trains at `start`
     (["--presets", "cpu-s"], "field 'distill_preset'"),  # validated like a profile file
@@ -159,6 +163,7 @@ def test_bad_flags_are_refused_naming_the_field(argv, message, tmp_path, monkeyp
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.fast
 def test_help_shows_the_selected_profiles_values(capsys):
     import bench.pipeline
 

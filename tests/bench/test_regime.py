@@ -20,6 +20,7 @@ def docs(n=40, length=100):
     return [[1000 * d + i for i in range(length + d)] for d in range(n)], [f"h{d}" for d in range(n)]
 
 
+@pytest.mark.fast
 def test_shuffled_chunks_keep_every_token_are_seeded_and_spread_over_documents():
     ids, hashes = docs()
     chunks, owners = shuffled_chunks(ids, hashes, 16, seed=0)
@@ -67,6 +68,7 @@ def test_whole_document_datasets_keep_their_inputs_key(text_corpus):
     assert _inputs_key(DatasetSpec(corpus=(str(text_corpus),), chunk_tokens=64))["spec"]["chunk_tokens"] == 64
 
 
+@pytest.mark.fast
 def test_the_new_profiles_carry_the_design_of_issue_24():
     from train.model import get_shape
 
@@ -92,11 +94,13 @@ def test_the_new_profiles_carry_the_design_of_issue_24():
     ({"calibration": {"symbols": 64, "colour": 1}, "chunk_tokens": None}, "calibration"),
     ({"calibration": {"symbols": 64}, "chunk_tokens": 256}, "chunk_tokens"),
 ])
+@pytest.mark.fast
 def test_bad_regime_fields_are_refused_by_name(change, field):
     with pytest.raises(StudyError, match=f"field '{field}'"):
         validate_profile({**load_profile("wiki-100k").model_dump(), **change}, "p.json")
 
 
+@pytest.mark.fast
 def test_the_gate_passes_with_the_effects_and_fails_without():
     overfits = {4: 6.10, 8: 5.95, 16: 5.97, 64: 6.30}
     ok = gate_verdict(6.20, 6.05, overfits, 0.05, 0.02)

@@ -49,8 +49,7 @@ def test_plots_are_png(tmp_path):
     assert not list(tmp_path.glob("*.tmp*"))
 
 
-# Not in the fast tier: each `python -m bench` imports torch and transformers (read_points reads through
-# bench.evaluation.downstream), about 15 s of imports per run.
+@pytest.mark.fast
 def test_cli_fit_and_report(tmp_path):
     points = tmp_path / "points.jsonl"
     records = [{"recipe": "regularized", "n": n, "loss": 0.05 / n + 3.43} for n in (0.15, 0.3, 0.6, 1.4, 2.8)]

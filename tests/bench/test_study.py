@@ -109,11 +109,13 @@ def test_profile_mismatch_and_missing_corpus_are_refused(micro_study, tmp_path):
     assert missing.returncode == 2 and "nope.jsonl does not exist" in missing.stderr
 
 
+@pytest.mark.fast
 def test_unknown_profile_is_refused_naming_the_choices(tmp_path):
     r = run_cli("--profile", "nope", "--out", str(tmp_path / "s"), timeout=120)
     assert r.returncode == 2 and "no study profile 'nope'" in r.stderr and "main" in r.stderr
 
 
+@pytest.mark.fast
 def test_every_shipped_profile_loads():
     names = set(profile_names())
     assert {"main", "micro", "wiki", "wiki-25k"} <= names
@@ -128,6 +130,7 @@ def test_every_shipped_profile_loads():
 
 # ---- the synthetic budget rule -----------------------------------------------------------------------
 
+@pytest.mark.fast
 @pytest.mark.parametrize("tokens, context, batch, epochs, w", [(40_000, 256, 16, 4, 0.75), (6_000, 64, 16, 1, 0.5),
                                                                (200_000, 256, 16, 4, 0.75)])
 def test_synthetic_budget_gives_every_student_one_pass(tokens, context, batch, epochs, w):
@@ -215,6 +218,7 @@ def test_too_few_sizes_give_the_ordering_only(tmp_path):
     assert "not identified" in write_report(results, tmp_path, 50).read_text()
 
 
+@pytest.mark.fast
 def test_gain_intervals_cover_the_truth_at_their_stated_rate():
     """100 synthetic main jobs (3 seeds each, true regularization gain 0.2, seed sd 0.02): the 95% interval of
     the gain covers 0.2 at least 88 times; a naive interval (bootstrap of 3 seeds, no rescaling or pooling)
@@ -237,6 +241,7 @@ def test_gain_intervals_cover_the_truth_at_their_stated_rate():
     assert naive < covered - 8, (naive, covered)
 
 
+@pytest.mark.fast
 def test_seed_mean_draws_pool_seed_noise_and_refuse_one_seed():
     rng = np.random.default_rng(0)
     assert np.isnan(seed_mean_draws([5.0], 10, rng)).all()
@@ -263,6 +268,7 @@ def test_eval_cache_keys_change_when_a_model_is_retrained_in_place(tmp_path):
     assert model_ids([str(model)]) != first and first[0][1] == hashlib.sha256(b"weights v1").hexdigest()
 
 
+@pytest.mark.fast
 def test_self_distillation_gain_pairs_each_student_with_its_own_teacher():
     from bench.science.analysis import EvaluationTable
 
