@@ -14,6 +14,8 @@ from serve.cli import build_parser as serve_parser
 from synthdata.cli import build_parser as synthdata_parser
 from synthdata.job import GenerateConfig
 
+pytestmark = pytest.mark.fast
+
 
 def up_config(*argv: str) -> EnsembleConfig:
     return config_from_args(serve_parser().parse_args(["up", "--model", "m", *argv]))
