@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,11 +183,6 @@ def write_shard(out: Path, plan: ShardPlan, rows: ShardRows, job: dict, source: 
 
 # ---- reading and verifying ---------------------------------------------------------------------
 
-def verify_shard(path: Path, sha256: str) -> bool:
-    """The file exists and its bytes are the ones recorded."""
-    return path.exists() and sha256_file(path) == sha256
-
-
 def read_rows(out: Path, manifest: dict, columns: list[str] | None = None, limit: int | None = None) -> list[dict]:
     """Rows of the recorded shards in manifest order (the first `limit` of them), as dicts of `columns`."""
     rows: list[dict] = []
@@ -197,16 +191,6 @@ def read_rows(out: Path, manifest: dict, columns: list[str] | None = None, limit
         if limit is not None and len(rows) >= limit:
             return rows[:limit]
     return rows
-
-
-def iter_token_rows(path: Path) -> Iterator[np.ndarray]:
-    """Every row's tokens (int32) of one shard file, streamed one record batch at a time."""
-    for batch in pq.ParquetFile(path).iter_batches(columns=["tokens"]):
-        column = batch.column("tokens")
-        offsets = column.offsets.to_numpy()
-        values = column.values.to_numpy(zero_copy_only=False).astype(np.int32)
-        for a, b in zip(offsets[:-1], offsets[1:]):
-            yield values[a:b]
 
 
 def duplicate_sequences(out: Path, manifest: dict) -> int:

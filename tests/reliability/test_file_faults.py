@@ -176,14 +176,14 @@ def test_other_os_errors_are_not_called_a_full_disk(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name", ["run.json", "result.json"])
 def test_a_corrupt_run_record_is_named(tmp_path, name):
-    from train.trainer import claim_run_dir
+    from train.run_dir import RunDir
 
     run = tmp_path / "run"
-    claim_run_dir(run, {"seed": 0})  # the control: a fresh run dir is claimed, and claimed again
-    claim_run_dir(run, {"seed": 0})
+    RunDir(run).claim({"seed": 0})  # the control: a fresh run dir is claimed, and claimed again
+    RunDir(run).claim({"seed": 0})
     (run / name).write_text('{"seed": 0, "trunc')
     with pytest.raises(ArtifactError, match=f"{run / name} is corrupt"):
-        claim_run_dir(run, {"seed": 0})
+        RunDir(run).claim({"seed": 0})
 
 
 def test_a_corrupt_model_config_is_named(tmp_path):
