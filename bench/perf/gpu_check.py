@@ -31,6 +31,7 @@ from bench.perf.mfu import datasheet_peak, measure_matmul_peak, preset_flops_per
 from bench.perf.timing import perf_parser
 from plumbing.artifacts import atomic_write_json
 from train.data import DatasetSpec, prepare_dataset, read_manifest
+from train.run_dir import RunDir
 from train.trainer import TrainConfig, train_member
 
 REPO = Path(__file__).resolve().parents[2]
@@ -71,7 +72,7 @@ def check_resume(cfg: TrainConfig, root: Path) -> dict:
     res = subprocess.run(_member_cmd(cfg, killed), cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     if res.returncode != 0:
         return {"ok": False, "error": res.stderr[-2000:]}
-    a, b = load_file(reference / "model" / "model.safetensors"), load_file(killed / "model" / "model.safetensors")
+    a, b = load_file(RunDir(reference).model_dir / "model.safetensors"), load_file(RunDir(killed).model_dir / "model.safetensors")
     max_diff = max(float((a[k] - b[k]).abs().max()) for k in a)
     # On CUDA, bf16 matmuls may pick different kernels across processes: equality within bf16 noise, not bitwise.
     tolerance = 0.0 if cfg_device().type == "cpu" else 1e-2

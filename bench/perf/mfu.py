@@ -14,6 +14,7 @@ import torch
 from train.corpus import default_corpus
 from train.data import DatasetSpec, prepare_dataset
 from train.model import flops_per_token, get_shape, llama_config
+from train.run_dir import RunDir
 
 
 def measure_gemm_peak(threads: int, n: int = 2048, repeats: int = 8) -> float:
@@ -59,7 +60,7 @@ def preset_flops_per_token(preset: str, vocab_size: int, context: int) -> float:
 def steady_windows(run_dir: Path, key: str) -> list[float]:
     """`key` of every metrics window a training run logged (metrics.jsonl) but the first, which holds one-time
     start-up costs (a run with one window keeps it)."""
-    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in RunDir(run_dir).metrics_file.read_text().splitlines()]
     windows = [r[key] for r in records if key in r]
     return windows[1:] or windows
 

@@ -15,6 +15,7 @@ from bench.study.training import model_ids
 from distill.budget import SYNTHETIC_MARGIN, synthetic_budget
 from plumbing.artifacts import atomic_write_text
 from serve.endpoint_check import check_endpoint, free_port
+from train.run_dir import RunDir
 
 log = logging.getLogger("bench.study")
 
@@ -128,7 +129,7 @@ class DistillationPhases:
                                 w=p.soft_w if soft else p.distill_w, blend=p.soft_blend if soft else 0.0,
                                 annotations=str(annotations) if annotations else None)
             run_dir = root / f"student-{kind}-{i}"
-            fresh = not (run_dir / "result.json").exists()
+            fresh = not RunDir(run_dir).complete
             result = distill(cfg, run_dir)
             self.trained += fresh
             rows = record.setdefault(kind, [])

@@ -11,6 +11,7 @@ import numpy as np
 
 from bench.study.analysis import write_report
 from bench.study.profile import ROOT, StudyError
+from train.run_dir import RunDir
 from train.search import run_ledger
 
 log = logging.getLogger("bench.study")
@@ -111,7 +112,7 @@ class TrainingPhases:
 
     def seeds_at(self, preset: str, tokens: int, o: dict, n: int) -> list[dict]:
         configs = [self.at(preset, tokens, o["epochs"], o["lr"], o["wd"], s) for s in range(n)]
-        return [{"seed": c.seed, "val_loss": r["val_loss"], "model_dir": str(Path(r["run_dir"]) / "model")}
+        return [{"seed": c.seed, "val_loss": r["val_loss"], "model_dir": str(RunDir(r["run_dir"]).model_dir)}
                 for c, r in zip(configs, self.train(configs, self.ledger_dir(preset, tokens), "seeds"))]
 
     def ensemble_setting(self, preset: str) -> dict:
@@ -221,7 +222,7 @@ class TrainingPhases:
             records = self.train(configs, self.ledger_dir(preset, self.p.tokens), f"{preset} members")
             rows = {"standard": [], "regularized": [], "ensemble": []}
             for (recipe, _, seed), r in zip(plan, records):
-                rows[recipe].append({"seed": seed, "val_loss": r["val_loss"], "model_dir": str(Path(r["run_dir"]) / "model")})
+                rows[recipe].append({"seed": seed, "val_loss": r["val_loss"], "model_dir": str(RunDir(r["run_dir"]).model_dir)})
             if not self.p.joint_members:
                 rows["ensemble"] = rows["regularized"][: self.p.k_max]
             members[preset] = {**rows, "ensemble_setting": ens}
