@@ -8,7 +8,7 @@ from pathlib import Path
 
 from bench.science.fits import data_efficiency, fit_power_law
 from plumbing.artifacts import read_json_lines
-from plumbing.console import ChorusError, exit_on, setup_logging
+from plumbing.console import ChorusError, run_command
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    with exit_on():
-        args.func(args)
+    run_command(build_parser(), argv)

@@ -6,6 +6,7 @@ traceback; anything else is a bug and keeps its traceback. SIGTERM (what systemd
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
@@ -66,3 +67,12 @@ def exit_on() -> Iterator[None]:
         print(f"interrupted ({e or 'Ctrl-C'}): what was finished is kept; re-run the same command to resume",
               file=sys.stderr)
         sys.exit(130)
+
+
+def run_command(parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """What every stage's `main` does: parse, set up logging (-v), run the chosen subcommand (`func`) under
+    `exit_on`, and return what it returned."""
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    with exit_on():
+        return args.func(args)

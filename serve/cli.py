@@ -10,7 +10,7 @@ from pathlib import Path
 from serve.app import DeploymentSettings, EngineSettings, EnsembleConfig, HttpSettings, ServeError
 from serve.pack import COMBINE_RULES, pack_ensemble
 from plumbing.config_flags import add_flags, from_args
-from plumbing.console import exit_on, setup_logging
+from plumbing.console import run_command
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    with exit_on():
-        args.func(args)
+    run_command(build_parser(), argv)

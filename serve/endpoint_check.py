@@ -18,9 +18,9 @@ def check_endpoint(model_dir: Path, port: int, address: str | None) -> dict:
     """Start the Ray Serve app, send a completion, a streamed completion and a scoring request, stop it."""
     import httpx
 
-    from serve.app import EnsembleConfig, start_app, stop_app
+    from serve.app import EnsembleConfig, HttpSettings, start_app, stop_app
 
-    config = EnsembleConfig(model_dir=str(model_dir), served_model_name="chorus-ensemble", port=port)
+    config = EnsembleConfig(model_dir=str(model_dir), served_model_name="chorus-ensemble", http=HttpSettings(port=port))
     url = start_app(config, address=address)
     try:
         models = httpx.get(f"{url}/v1/models", timeout=60).json()

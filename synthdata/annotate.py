@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from synthdata.engine import TeacherEngine, engine_env
-from synthdata.job import JobError, ShardedOutput, engine_cores, open_job, read_manifest
+from synthdata.job import engine_cores
+from synthdata.shards import JobError, ShardedOutput, open_job, read_manifest
 from synthdata.soft_targets import COLUMNS, METHOD, SoftTargetError, SoftTargets, read_columns, topk_arrays
 from synthdata.teacher import read_teacher
 from plumbing.artifacts import OutputLock, atomic_write_json, publish_file

@@ -7,7 +7,7 @@ import json
 from synthdata.annotate import AnnotateConfig
 from synthdata.job import GenerateConfig, generate
 from plumbing.config_flags import add_flags, from_args
-from plumbing.console import exit_on, setup_logging
+from plumbing.console import run_command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -74,8 +74,4 @@ def cmd_check(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    with exit_on():
-        summary = args.func(args)
-    print(json.dumps(summary))
+    print(json.dumps(run_command(build_parser(), argv)))

@@ -50,9 +50,7 @@ from synthdata.batching import run_shards
 from synthdata.endpoint import EndpointSampler
 from synthdata.engine import SamplingSettings
 from synthdata.replicas import EndpointReplicas, EngineReplicas
-# Besides what this module uses, the shard format's names that other modules still import from here.
-from synthdata.shards import (MANIFEST_FORMAT, SYNTHETIC, JobError, ShardedOutput, ShardPlan, ShardRows,  # noqa: F401
-                              content_hash, duplicate_sequences, open_job, read_manifest, record_shard, write_shard)
+from synthdata.shards import JobError, ShardPlan, duplicate_sequences, open_job
 from synthdata.soft_targets import METHOD as SOFT_TARGET_METHOD
 from synthdata.teacher import Teacher, member_dirs, read_teacher
 from plumbing.artifacts import OutputLock

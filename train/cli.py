@@ -6,7 +6,7 @@ import json
 import logging
 
 from plumbing.config_flags import add_flags, from_args
-from plumbing.console import exit_on, setup_logging
+from plumbing.console import run_command
 from train.corpus import default_corpus
 from train.data import DatasetSpec, prepare_dataset
 from train.model import PRESETS, get_shape
@@ -181,7 +181,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.verbose)
-    with exit_on():
-        args.func(args)
+    run_command(build_parser(), argv)

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 from bench.perf.timing import perf_parser
 from plumbing.artifacts import atomic_write_json
 from plumbing.console import setup_logging
-from synthdata.job import GenerateConfig, generate, read_manifest
+from synthdata.job import GenerateConfig, generate
+from synthdata.shards import read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,8 @@ from pathlib import Path
 from bench.perf.timing import in_fresh_process, interleaved, perf_parser
 from plumbing.console import setup_logging
 from synthdata.engine import SamplingSettings, engine_env
-from synthdata.job import GenerateConfig, engine_cores, generate, read_manifest
+from synthdata.job import GenerateConfig, engine_cores, generate
+from synthdata.shards import read_manifest
 from synthdata.teacher import read_teacher
 
 log = logging.getLogger(__name__)

@@ -27,7 +27,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from loopback_cluster import distinct_nodes, ray_cluster  # noqa: F401 - ray_cluster is the cluster fixture
-from synthdata.job import content_hash, duplicate_sequences, plan_shards, sequence_draws
+from synthdata.batching import sequence_draws
+from synthdata.job import plan_shards
+from synthdata.shards import content_hash, duplicate_sequences
 from plumbing.artifacts import sha256_file
 
 pytestmark = pytest.mark.slow

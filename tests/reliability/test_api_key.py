@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.app import EnsembleConfig, ServeError
+from serve.app import EnsembleConfig, HttpSettings, ServeError
 from serve.cli import API_KEY_ENV, api_key_from, build_parser
 from serve.pack import PackError
 
@@ -36,10 +36,10 @@ def test_serve_up_on_a_wide_host_without_a_key_exits_2_before_anything_starts():
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.0.2.10", "example.org"])
 def test_a_host_beyond_loopback_needs_a_key_or_the_explicit_flag(host):
     with pytest.raises(ServeError, match=f"host {host} .*--allow-unauthenticated"):
-        EnsembleConfig(model_dir="/nonexistent/model", host=host).check()
+        EnsembleConfig(model_dir="/nonexistent/model", http=HttpSettings(host=host)).check()
     # With a key, or the flag, the host passes and the next check (the model directory) speaks.
-    for config in (EnsembleConfig(model_dir="/nonexistent/model", host=host, api_key="k"),
-                   EnsembleConfig(model_dir="/nonexistent/model", host=host, allow_unauthenticated=True)):
+    for http in (HttpSettings(host=host, api_key="k"), HttpSettings(host=host, allow_unauthenticated=True)):
+        config = EnsembleConfig(model_dir="/nonexistent/model", http=http)
         with pytest.raises(PackError, match="/nonexistent/model"):
             config.check()
 
@@ -47,7 +47,7 @@ def test_a_host_beyond_loopback_needs_a_key_or_the_explicit_flag(host):
 @pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "::1"])
 def test_loopback_hosts_need_no_key(host):
     with pytest.raises(PackError, match="/nonexistent/model"):
-        EnsembleConfig(model_dir="/nonexistent/model", host=host).check()
+        EnsembleConfig(model_dir="/nonexistent/model", http=HttpSettings(host=host)).check()
 
 
 def parse(*argv: str):

@@ -23,8 +23,8 @@ from serve.app import EnsembleConfig
 from serve.pack import PackError, pack_ensemble
 from serve.reference import ReferenceEnsemble
 from plumbing.artifacts import atomic_write_json
-from synthdata.job import (GenerateConfig, JobError, ShardRows, check_config, job_record, open_job, plan_shards,
-                           write_shard)
+from synthdata.job import GenerateConfig, check_config, job_record, plan_shards
+from synthdata.shards import JobError, ShardRows, open_job, write_shard
 from synthdata.loader import TokenShards
 from synthdata.teacher import TeacherError, read_teacher
 from train.data import DataError, load_tokens

@@ -11,7 +11,7 @@ import socket
 import httpx
 import pytest
 
-from serve.app import EnsembleConfig, start_app, stop_app
+from serve.app import EngineSettings, EnsembleConfig, HttpSettings, start_app, stop_app
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +23,9 @@ def test_an_ipv6_loopback_endpoint_starts_and_serves(tiny_ensemble):
         s.bind(("::1", 0))
         port = s.getsockname()[1]
     os.environ["HF_HUB_OFFLINE"] = "1"
-    url = start_app(EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name="v6", host="::1", port=port,
-                                   kv_cache_bytes=256 << 20, max_num_seqs=8))
+    url = start_app(EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name="v6",
+                                   engine=EngineSettings(kv_cache_gib=0.25, max_num_seqs=8),
+                                   http=HttpSettings(host="::1", port=port)))
     try:
         assert url == f"http://[::1]:{port}"
         reply = httpx.post(f"{url}/v1/completions", json={"model": "v6", "prompt": "The", "max_tokens": 2}, timeout=120)

@@ -22,21 +22,25 @@ from pathlib import Path
 import httpx
 import pytest
 
-from serve.app import EnsembleConfig, ServeError, endpoint_url, start_app, stop_app, wait_healthy
+from serve.app import (DeploymentSettings, EngineSettings, EnsembleConfig, HttpSettings, ServeError, endpoint_url,
+                       start_app, stop_app, wait_healthy)
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "limits-key"
 NAME = "tiny-limits"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LIMITS = dict(max_n=2, max_prompts=4, max_request_tokens=256, max_logprobs=3, max_body_bytes=4096,
-              request_timeout_s=8.0, max_ongoing_requests=1, max_queued_requests=1)
+              request_timeout_s=8.0)  # HttpSettings
+QUEUE = dict(max_ongoing_requests=1, max_queued_requests=1)  # DeploymentSettings
 
 
 @pytest.fixture(scope="module")
 def endpoint(tiny_ensemble, loopback_port):
     os.environ["HF_HUB_OFFLINE"] = "1"
-    config = EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME, api_key=API_KEY, port=loopback_port,
-                            kv_cache_bytes=256 << 20, max_num_seqs=8, **LIMITS)
+    config = EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME,
+                            engine=EngineSettings(kv_cache_gib=0.25, max_num_seqs=8),
+                            deployment=DeploymentSettings(**QUEUE),
+                            http=HttpSettings(api_key=API_KEY, port=loopback_port, **LIMITS))
     url = start_app(config)
     yield url
     stop_app()
@@ -244,7 +248,7 @@ def test_the_api_key_is_in_no_repr_and_nowhere_in_rays_stored_state(endpoint):
 
     from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_list
 
-    assert API_KEY not in repr(EnsembleConfig(model_dir="m", api_key=API_KEY))
+    assert API_KEY not in repr(EnsembleConfig(model_dir="m", http=HttpSettings(api_key=API_KEY)))
     stored = b"".join(_internal_kv_get(key, namespace="serve") or b"" for key in _internal_kv_list(b"", namespace="serve"))
     # The control: Serve's checkpoint of the deployment is here, holding what the replicas were given.
     assert hashlib.sha256(API_KEY.encode()).hexdigest().encode() in stored, "Serve's stored state was not found"

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from endpoint_cases import Case, auth_cases, completion_cases, surrogate_cases
 from ray_processes import listeners, off_loopback, session_processes
-from serve.app import EnsembleConfig, start_app, stop_app
+from serve.app import EngineSettings, EnsembleConfig, HttpSettings, start_app, stop_app
 from plumbing.ray_session import session_dir
 
 API_KEY = "reliability-key"
@@ -36,8 +36,9 @@ REQUEST_TIMEOUT_S = 120  # any request slower than this counts as a hang
 def endpoint(tiny_ensemble, loopback_port):
     os.environ["HF_HUB_OFFLINE"] = "1"
     # host is left at its default on purpose: test_binds_loopback_only checks what the default gives.
-    config = EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME, api_key=API_KEY,
-                            port=loopback_port, kv_cache_bytes=256 << 20, max_num_seqs=32)
+    config = EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME,
+                            engine=EngineSettings(kv_cache_gib=0.25, max_num_seqs=32),
+                            http=HttpSettings(api_key=API_KEY, port=loopback_port))
     url = start_app(config)
     yield url
     stop_app()
@@ -97,7 +98,7 @@ def test_binds_loopback_only(endpoint):
                  if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
     print(f"port {port} listens on {sorted(listening)}")
     assert listening == {"127.0.0.1"}
-    assert EnsembleConfig(model_dir="x").host == "127.0.0.1"
+    assert EnsembleConfig(model_dir="x").http.host == "127.0.0.1"
 
 
 def test_every_route_but_health_needs_the_key(endpoint, http):

@@ -59,7 +59,7 @@ def test_a_checkpoint_pointer_naming_a_path_outside_the_run_is_refused_by_name(t
 
 
 def test_a_synthetic_manifest_naming_a_file_outside_the_job_is_refused_and_the_file_kept(tmp_path):
-    from synthdata.job import MANIFEST_FORMAT, JobError, open_job
+    from synthdata.shards import MANIFEST_FORMAT, JobError, open_job
 
     victim = tmp_path / "victim.txt"
     victim.write_text("keep me")

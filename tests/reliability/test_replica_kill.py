@@ -18,7 +18,7 @@ import httpx
 import psutil
 import pytest
 
-from serve.app import APP_NAME, EnsembleConfig, start_app, stop_app
+from serve.app import APP_NAME, EngineSettings, EnsembleConfig, HttpSettings, start_app, stop_app
 
 pytestmark = pytest.mark.slow
 NAME = "tiny-ensemble"
@@ -31,8 +31,9 @@ REQUEST = {"model": NAME, "prompt": "The history of", "max_tokens": 32}
 @pytest.fixture(scope="module")
 def endpoint(tiny_ensemble, loopback_port):
     os.environ["HF_HUB_OFFLINE"] = "1"
-    url = start_app(EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME, port=loopback_port,
-                                   kv_cache_bytes=256 << 20, max_num_seqs=16))
+    url = start_app(EnsembleConfig(model_dir=str(tiny_ensemble), served_model_name=NAME,
+                                   engine=EngineSettings(kv_cache_gib=0.25, max_num_seqs=16),
+                                   http=HttpSettings(port=loopback_port)))
     yield url
     stop_app()
 

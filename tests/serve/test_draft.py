@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.app import EnsembleConfig
+from serve.app import EngineSettings, EnsembleConfig
 from serve.draft import DraftError, check_draft, speculative_config
 from synthdata.check import sampling_check
 from train.data import load_tokens
@@ -74,7 +74,7 @@ def test_a_draft_that_cannot_draft_is_refused_by_name(case, expected, packed_tea
     with pytest.raises(DraftError, match=expected):
         check_draft(packed_teacher, bad)
     with pytest.raises(DraftError, match=expected):  # serve up checks before starting anything
-        EnsembleConfig(model_dir=str(packed_teacher), draft=str(bad)).check()
+        EnsembleConfig(model_dir=str(packed_teacher), engine=EngineSettings(draft=str(bad))).check()
     # the command line: exit 2 with the message, before Ray or an engine starts
     cmd = [sys.executable, "-m", "synthdata", "generate", "--teacher", str(packed_teacher), "--tokens", "1000",
            "--out", str(tmp_path / f"job-{case}"), "--draft", str(bad), "--no-progress"]
@@ -84,8 +84,8 @@ def test_a_draft_that_cannot_draft_is_refused_by_name(case, expected, packed_tea
 
 
 def test_speculative_settings_reach_vllm(packed_teacher, tiny_members):
-    config = EnsembleConfig(model_dir=str(packed_teacher), draft=str(tiny_members[0]), num_speculative_tokens=3,
-                            draft_max_batch=8, max_num_seqs=64)
+    config = EnsembleConfig(model_dir=str(packed_teacher), engine=EngineSettings(
+        draft=str(tiny_members[0]), num_speculative_tokens=3, draft_max_batch=8, max_num_seqs=64))
     argv = config.vllm_cli_args()
     spec = json.loads(argv[argv.index("--speculative-config") + 1])
     assert spec == {"method": "draft_model", "model": str(tiny_members[0].resolve()), "num_speculative_tokens": 3,
