@@ -17,8 +17,8 @@ the standard single-model CPT with far less domain data (17.5x on math mid-train
                 forgetting = Wikipedia loss - the base's.
 
 Everything is resumable: each training run is (train/), the synthetic job is (synthdata/), and every evaluated
-loss is kept in `evaluations.json`, so a killed study re-run continues where it stopped. `--report-only`
-recomputes the law and the multipliers from OUT/results.json's evaluations and rewrites REPORT.md and the plot.
+loss is kept in `evaluations.jsonl` (a plumbing.artifacts.Ledger), so a killed study re-run continues where it
+stopped. `--report-only` recomputes the law and the multipliers from OUT/results.json's evaluations and rewrites REPORT.md and the plot.
 usage: python -m bench.cpt_study --out studies/cpt-wiki-to-pydocs [--profile tiny] [--report-only]
 """
 from __future__ import annotations
