@@ -48,6 +48,9 @@ def test_local_ray_and_serve_listen_on_loopback_only_and_stop_cleanly():
     from ray import serve
 
     assert not ray.is_initialized(), "another test left Ray running in this process"
+    # children this process had before (e.g. multiprocessing's resource tracker, which an earlier test's vLLM
+    # engine starts and which lives as long as the test process) are not the session's
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
     started = connect_ray(num_cpus=1)
     assert started
     session = session_dir()
@@ -66,7 +69,8 @@ def test_local_ray_and_serve_listen_on_loopback_only_and_stop_cleanly():
         serve.run(Echo.bind(), name="loopback-check", route_prefix="/")
         assert httpx.get(f"http://127.0.0.1:{port}/", timeout=30).text == "ok"
         assert ray.get(ray.remote(lambda: 1).remote()) == 1  # a plain task's worker too
-        procs = session_processes(session, psutil.Process().children(recursive=True))
+        procs = session_processes(session, [p for p in psutil.Process().children(recursive=True)
+                                            if p.pid not in before])
         found = listeners(procs)
         exposed = off_loopback(found)
         print(f"Ray session {session}: {len(procs)} processes, {len(found)} listening sockets, "
