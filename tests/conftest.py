@@ -124,7 +124,11 @@ def synthetic_job(packed_teacher, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("synthetic") / "job"
     cmd = [sys.executable, "-m", "synthdata", "generate", "--teacher", str(packed_teacher),
            "--tokens", str(SYNTH_TOKENS), "--shard-tokens", str(SYNTH_SHARD_TOKENS), "--out", str(out),
-           "--no-progress", "--topk", str(SYNTH_TOPK)]
+           "--no-progress", "--topk", str(SYNTH_TOPK),
+           # a shallow queue, so shards finish one by one and the kill lands mid-job: with the whole 12k-token job
+           # in flight, all 8 shards were recorded before the kill (and the resume then remade the corrupted shard
+           # alone, at another batch size, which changed its top-k log-probs in the last bits)
+           "--inflight", "4"]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     log_path = out.parent / "first-run.log"
     with open(log_path, "w") as log_file:
@@ -147,11 +151,15 @@ def synthetic_job(packed_teacher, tmp_path_factory) -> dict:
             pass
     manifest = json.loads(manifest_path.read_text())
     corrupted = manifest["shards"][0]
+    import pyarrow.parquet as pq
+
+    original_rows = pq.read_table(out / corrupted["file"]).to_pylist()  # what the remade shard must equal
     (out / corrupted["file"]).write_bytes(b"not parquet")
     (out / "shard-99999.parquet.tmp").write_bytes(b"half-written")
     resumed = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return {"out": out, "cmd": cmd, "env": env, "shards_at_kill": manifest["shards"], "corrupted": corrupted,
+            "corrupted_rows": original_rows,
             "resume_log": resumed.stderr, "summary": json.loads(resumed.stdout.strip().splitlines()[-1])}
 
 

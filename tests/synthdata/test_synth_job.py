@@ -84,8 +84,32 @@ def test_resume_names_and_remakes_the_corrupt_shard_identically(synthetic_job):
     log = synthetic_job["resume_log"]
     assert f"shard {corrupted['file']} is corrupt" in log
     assert "shard-99999.parquet.tmp" in log
-    # same seeds, same tokens: the remade shard is byte-identical to the one that was corrupted
-    assert sha256_file(out / corrupted["file"]) == corrupted["sha256"]
+    # same seeds, same tokens: the remade shard holds the corrupted one's rows. Its log-prob columns may differ
+    # in the last bits: the resume runs the shard beside other shards than the first run did, and the CPU kernels'
+    # sums depend on the batch (seen once in CI: sha256 differed, all else equal); tokens, seeds and top-k ids may not.
+    remade = pq.read_table(out / corrupted["file"]).to_pylist()
+    assert same_rows(remade, synthetic_job["corrupted_rows"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    other = pq.read_table(out / manifest["shards"][1]["file"]).to_pylist()
+    assert not same_rows(other, synthetic_job["corrupted_rows"])  # control: another shard's rows do not pass
+
+
+FLOAT_COLUMNS = ("sample_logprob", "topk_logprobs", "topk_tail")
+
+
+def same_rows(rows: list[dict], expected: list[dict], atol: float = 1e-4) -> bool:
+    """Equal rows: every column exactly, but the log-prob columns within atol."""
+    if len(rows) != len(expected):
+        return False
+    for row, want in zip(rows, expected):
+        if {k: v for k, v in row.items() if k not in FLOAT_COLUMNS} != {k: v for k, v in want.items()
+                                                                       if k not in FLOAT_COLUMNS}:
+            return False
+        for k in FLOAT_COLUMNS:
+            if k in want and not np.allclose(np.asarray(row[k], dtype=float), np.asarray(want[k], dtype=float),
+                                             atol=atol, rtol=0):
+                return False
+    return True
 
 
 def test_rows_carry_teacher_identity_and_settings(synthetic_job, packed_teacher):
