@@ -29,6 +29,6 @@ def test_tiny_cpt_study_runs_and_resumes(wiki_corpus, tmp_path):
     assert "## Forgetting" in report and "data_efficiency.png" in report and (out / "data_efficiency.png").exists()
     assert report == render(results, profile)
     # resumable: a re-run trains and evaluates nothing new and gives the same numbers
-    evaluations = (out / "evaluations.json").read_text()
+    evaluations = (out / "evaluations.jsonl").read_text()
     again = run(out, profile, (str(domain),), str(wiki_corpus))
-    assert again["losses"] == results["losses"] and (out / "evaluations.json").read_text() == evaluations
+    assert again["losses"] == results["losses"] and (out / "evaluations.jsonl").read_text() == evaluations
