@@ -61,7 +61,8 @@ def _doc_hash(doc: str) -> str:
 
 def _inputs_key(spec: DatasetSpec) -> dict:
     files = corpus_files(list(spec.corpus))
-    stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    # by content, not mtime: a corpus copied or unpacked again is still the same corpus
+    stats = [(str(f.resolve()), f.stat().st_size, sha256_file(f)) for f in files]
     key = {"spec": asdict(spec), "files": stats}
     if not spec.tokenizer:
         del key["spec"]["tokenizer"]  # datasets made before the option existed stay the same dataset
@@ -70,6 +71,13 @@ def _inputs_key(spec: DatasetSpec) -> dict:
     if not spec.chunk_tokens:  # the same for whole-document datasets made before chunking existed
         del key["spec"]["chunk_tokens"], key["spec"]["chunk_seed"]
     return json.loads(json.dumps(key))  # as it reads back from the manifest
+
+
+def _same_but_for_mtimes(recorded: dict, key: dict) -> bool:
+    """A manifest written before datasets were keyed by content recorded (path, size, mtime_ns) per file."""
+    files = recorded.get("files", [])
+    return (recorded.get("spec") == key["spec"] and len(files) == len(key["files"])
+            and all(isinstance(old[2], int) and old[:2] == new[:2] for old, new in zip(files, key["files"])))
 
 
 def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path):
@@ -174,6 +182,12 @@ def _prepare_dataset(spec: DatasetSpec, out_dir: Path) -> dict:
         manifest = read_manifest(out_dir)
         if manifest["inputs"] == key:
             log.info("dataset %s is up to date; reusing its shards", out_dir)
+            return manifest
+        if _same_but_for_mtimes(manifest["inputs"], key):
+            log.warning("dataset %s was keyed by file mtimes, which changed; its corpus files have the same paths "
+                        "and sizes, so it is reused and re-keyed by their sha256", out_dir)
+            manifest["inputs"] = key
+            atomic_write_json(manifest_path, manifest)
             return manifest
         raise DataError(
             f"{out_dir} holds a dataset built from other inputs; use another --data-dir or delete it"

@@ -71,6 +71,29 @@ def test_dataset_split_budget_and_reuse(corpus_dir, tmp_path):
         prepare_dataset(DatasetSpec(corpus=(str(corpus_dir),), vocab_size=400, val_fraction=0.2), out)
 
 
+def test_dataset_identity_is_the_corpus_content_not_its_mtime(corpus_dir, tmp_path):
+    import os
+
+    from plumbing.artifacts import atomic_write_json
+
+    spec = DatasetSpec(corpus=(str(corpus_dir),), vocab_size=300, val_fraction=0.2)
+    out = tmp_path / "ds"
+    manifest = prepare_dataset(spec, out)
+    doc = corpus_dir / "doc0.txt"
+    os.utime(doc, ns=(1, 1))  # copied or unpacked again: new mtime, same bytes
+    assert prepare_dataset(spec, out) == manifest
+    # a manifest from before content keys recorded (path, size, mtime_ns): same paths and sizes are re-keyed
+    legacy = json.loads(json.dumps(manifest))
+    legacy["inputs"]["files"] = [[path, size, 123] for path, size, _ in legacy["inputs"]["files"]]
+    atomic_write_json(out / "manifest.json", legacy)
+    assert prepare_dataset(spec, out)["inputs"] == manifest["inputs"]
+    assert read_manifest(out)["inputs"] == manifest["inputs"]
+    # control: the same size but other bytes is another corpus
+    doc.write_text(doc.read_text().replace("the", "eth", 1))
+    with pytest.raises(DataError, match="other inputs"):
+        prepare_dataset(spec, out)
+
+
 def test_validation_set_is_fixed_by_content(corpus_dir, tmp_path):
     """Same documents in another file order give the same validation tokens."""
     a = prepare_dataset(DatasetSpec(corpus=(str(corpus_dir),), vocab_size=300), tmp_path / "a")
