@@ -53,14 +53,14 @@ def run_here_or_on(address: str | None, fn, *args, **kwargs):
 
 
 def cmd_loss(args) -> None:
-    from bench.evaluation.loss import validation_loss
+    from serve.evaluation import validation_loss
 
     print(json.dumps(run_here_or_on(args.address, validation_loss, args.model, args.data_dir, args.combine,
                                     args.batch_size, args.context)))
 
 
 def cmd_downstream(args) -> None:
-    from bench.evaluation.downstream import evaluate_downstream
+    from serve.downstream import evaluate_downstream
 
     results = run_here_or_on(args.address, evaluate_downstream, args.model, args.task, args.combine, args.limit,
                              args.batch_size, add_bos=not args.no_bos)

@@ -41,7 +41,7 @@ from bench.science.analysis import (
     local_efficiency_of_loss,
     loss_with_draws,
 )
-from bench.evaluation.loss import validation_loss
+from serve.evaluation import validation_loss
 from bench.science.report import markdown_table, plot_data_efficiency, write_text
 from plumbing.artifacts import Ledger, OutputLock, atomic_write_json, read_json
 from plumbing.console import ChorusError, exit_on, setup_logging

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from bench.evaluation.loss import EvalError, LogProbModel, context_length, load_model
+from serve.evaluation import EvalError, LogProbModel, context_length, load_model
 from plumbing.artifacts import read_json_lines
 from train.data import load_tokenizer
 

@@ -29,7 +29,7 @@ class EvalError(ChorusError):
 
 
 class LogProbModel(Protocol):
-    """What bench needs of a model: its config (for the context length) and next-token log-probs."""
+    """What scoring needs of a model: its config (for the context length) and next-token log-probs."""
 
     config: object
 

@@ -214,7 +214,7 @@ class DistillationPhases:
         return models
 
     def phase_downstream(self) -> None:
-        from bench.evaluation.downstream import evaluate_downstream
+        from serve.downstream import evaluate_downstream
 
         eval_dir = Path(self.cfg.eval_dir) if self.cfg.eval_dir else None
         tasks = [eval_dir / f"{t}.jsonl" for t in self.p.eval_tasks] if eval_dir else []

@@ -230,7 +230,7 @@ class TrainingPhases:
             self.save()
 
     def ensemble_loss(self, model_dirs: list[str]) -> float:
-        from bench.evaluation.loss import validation_loss
+        from serve.evaluation import validation_loss
 
         key = {"kind": "loss", "models": model_ids(model_dirs), "combine": "logits"}
         return self.evals.value(key, lambda: validation_loss(model_dirs, self.data_dir, "logits", progress=False))["loss"]

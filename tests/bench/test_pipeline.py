@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.evaluation.downstream import MultipleChoiceItem, _parse_item
+from serve.downstream import MultipleChoiceItem, _parse_item
 from bench.science.report import story_section
 from bench.study.analysis import analyze
 from bench.study.distillation import heldout_next_word

@@ -239,7 +239,7 @@ def test_synth_through_the_endpoint_matches_offline_and_resumes(ray_cluster, end
 
 def test_bench_loss_with_address_runs_on_a_worker_node(ray_cluster, tiny_members, tiny_dataset):
     """`bench loss --address`: the evaluation runs as one task on a worker node and gives the local figure."""
-    from bench.evaluation.loss import validation_loss
+    from serve.evaluation import validation_loss
 
     cmd = [PY, "-m", "bench", "loss", "--model", str(tiny_members[0]), "--data-dir", str(tiny_dataset),
            "--address", ray_cluster.address]

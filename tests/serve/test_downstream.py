@@ -7,8 +7,8 @@ import sys
 import pytest
 import torch
 
-from bench.evaluation.downstream import ClozeItem, MultipleChoiceItem, encode_pair, evaluate_downstream, evaluate_items, read_task, score_requests
-from bench.evaluation.loss import EvalError, load_model
+from serve.downstream import ClozeItem, MultipleChoiceItem, encode_pair, evaluate_downstream, evaluate_items, read_task, score_requests
+from serve.evaluation import EvalError, load_model
 from train.data import load_tokenizer
 
 from conftest import EVAL_DIR, require

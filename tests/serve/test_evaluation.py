@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from bench.evaluation.loss import EvalError, load_model, mean_token_loss, validation_loss
+from serve.evaluation import EvalError, load_model, mean_token_loss, validation_loss
 from serve.reference import combine_member_logits
 from train.data import IGNORE_INDEX, load_tokens, windows
 from train.trainer import evaluate
