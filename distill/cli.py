@@ -4,8 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from distill.student import RECIPES, DistillConfig, distill
-from train.cli import add_seed_arg, add_train_args, check_preset, train_config_from_args
+from distill.student import DistillConfig, distill
+from train.cli import add_train_args, check_preset, train_config_from_args
+from train.trainer import TrainConfig
 from plumbing.config_flags import add_flags, from_args
 from plumbing.console import exit_on, setup_logging
 
@@ -19,20 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
                     "Resumable: re-run the same command after a kill. The student lands in OUT/model.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     add_train_args(parser)
-    # DistillConfig's fields; their help is worded here until it moves onto the fields.
+    # --synthetic may be left out (None: real tokens only, with --w 0 and --annotations); the field has no default
     add_flags(parser, DistillConfig, ["synthetic_dir", "recipe", "w", "blend", "temperature", "annotations"],
-              rename={"synthetic_dir": "--synthetic"},
-              override={"synthetic_dir": {"default": None}, "recipe": {"choices": list(RECIPES)}}, help={
-        "synthetic_dir": "synthetic data directory (synthdata's output); may be left out with --w 0 and --annotations",
-        "recipe": "ensemble: teacher is a K>=2 ensemble; self: teacher is one member of the student's size; "
-                  "synthetic-only: the collapse ablation (default %(default)s)",
-        "w": "synthetic weight in [0, 1) (default: " + ", ".join(f"{r} {w}" for r, w in RECIPES.items()) + ")",
-        "blend": "soft labels: loss = (1 - blend) x CE + blend x KL(teacher top-k || student) where the teacher's "
-                 "top-k is known (synthetic shards made with --topk, --annotations); default %(default)g: the "
-                 "paper's sequence-level recipe (CE on sampled tokens)",
-        "temperature": "KD temperature (default %(default)g)",
-        "annotations": "the teacher's top-k over the real training windows (`python -m synthdata annotate`)"})
-    add_seed_arg(parser, "student initialisation and mixture seed (default %(default)s)")
+              rename={"synthetic_dir": "--synthetic"}, override={"synthetic_dir": {"default": None}})
+    # a student's --seed also seeds the real/synthetic mixture, which the field's help (one member's) does not say
+    add_flags(parser, TrainConfig, ["seed"],
+              help={"seed": "student initialisation and mixture seed (default %(default)s)"})
     parser.add_argument("--out", required=True, help="run directory; the student lands in OUT/model")
     parser.add_argument("--address", help="Ray cluster address: train the student as one Ray task on a node of that "
                                           "cluster (every path must be on storage all nodes share); default: here")

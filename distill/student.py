@@ -28,6 +28,7 @@ from distill.kd import kd_token_loss
 from synthdata.annotate import Annotations
 from synthdata.loader import TokenShards
 from plumbing.artifacts import atomic_write_json
+from plumbing.config_flags import setting
 from train.data import DataError, load_tokens, read_manifest, windows
 from train.run_dir import RunDir
 from train.trainer import TrainConfig, token_loss_on_device, train_loop, validation_windows
@@ -44,13 +45,22 @@ class DistillError(ChorusError):
 
 @dataclass(frozen=True)
 class DistillConfig:
+    """A student's distillation; a field's help is its command-line flag's (distill/cli.py derives them)."""
     train: TrainConfig  # the student: data_dir is the real data, epochs are passes over its `tokens`
-    synthetic_dir: str | None  # None: real tokens only (w = 0), with their teacher annotations
-    recipe: str = "ensemble"
-    w: float | None = None  # default: the recipe's
-    blend: float = 0.0  # KD weight (distill/kd.py): 0 = the paper's sequence-level recipe (CE on sampled tokens)
-    temperature: float = 1.0  # KD temperature
-    annotations: str | None = None  # teacher top-k over the real windows (`python -m synthdata annotate`)
+    synthetic_dir: str | None = setting(  # None: real tokens only (w = 0), with their teacher annotations
+        help="synthetic data directory (synthdata's output); may be left out with --w 0 and --annotations")
+    recipe: str = setting("ensemble", "ensemble: teacher is a K>=2 ensemble; self: teacher is one member of the "
+                                      "student's size; synthetic-only: the collapse ablation (default %(default)s)",
+                          choices=RECIPES)
+    w: float | None = setting(  # None: the recipe's
+        None, "synthetic weight in [0, 1) (default: " + ", ".join(f"{r} {w}" for r, w in RECIPES.items()) + ")")
+    blend: float = setting(  # KD weight (distill/kd.py)
+        0.0, "soft labels: loss = (1 - blend) x CE + blend x KL(teacher top-k || student) where the teacher's top-k "
+             "is known (synthetic shards made with --topk, --annotations); default %(default)g: the paper's "
+             "sequence-level recipe (CE on sampled tokens)")
+    temperature: float = setting(1.0, "KD temperature (default %(default)g)")
+    annotations: str | None = setting(
+        None, "the teacher's top-k over the real training windows (`python -m synthdata annotate`)")
 
     def soft_labels(self) -> dict | None:
         """The KD settings, recorded in the run's identity (None for the sequence-level recipe)."""

@@ -35,6 +35,7 @@ from synthdata.soft_targets import COLUMNS, METHOD, SoftTargetError, SoftTargets
 from synthdata.teacher import read_teacher
 from plumbing.artifacts import OutputLock, atomic_write_json, publish_file
 from plumbing.artifacts import sha256_file
+from plumbing.config_flags import setting
 from train.data import DataError, load_tokens, read_manifest as read_dataset_manifest, windows
 from plumbing.ray_session import connect_ray, disconnect_ray
 
@@ -45,16 +46,18 @@ ANNOTATIONS = ShardedOutput("chorus.annotations.v1", "teacher annotations", "ann
 
 @dataclass(frozen=True)
 class AnnotateConfig:
-    teacher: str
-    data_dir: str
-    out: str
-    context: int
-    tokens: int  # annotate the windows of the first `tokens` training tokens (a student's budget D, or more)
-    topk: int = 32
-    windows_per_shard: int = 256
-    kv_cache_gib: float = 1.0
-    address: str | None = None
-    progress: bool = True
+    """An annotation job; a field's help is its command-line flag's (synthdata/cli.py derives them)."""
+    teacher: str = setting(help="teacher model directory (a packed ensemble, or a member)")
+    data_dir: str = setting(help="train/ dataset directory (`python -m train data`)")
+    out: str = setting(help="output directory (shards + manifest.json)")
+    context: int = setting(help="the student's context (window length)")
+    tokens: int = setting(  # annotate the windows of the first `tokens` training tokens (a student's budget D, or more)
+        help="training tokens to annotate: the student's budget D (a smaller D reuses a prefix)")
+    topk: int = setting(32, "teacher tokens kept per position (default %(default)s)")
+    windows_per_shard: int = setting(256, "windows per shard, the unit of resume (default %(default)s)")
+    kv_cache_gib: float = setting(1.0, "KV cache of the engine on CPU, GiB (default %(default)g)")
+    address: str | None = setting(None, "Ray cluster address (default: a private local Ray)")
+    progress: bool = setting(True, "no progress bar")  # the flag is --no-progress
 
 
 def job_record(cfg: AnnotateConfig) -> dict:

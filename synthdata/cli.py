@@ -31,19 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "next tokens, their log-probs and the tail mass at every position in --out, for a soft-label "
                     "student (`python -m distill --annotations OUT --blend B`). Resumable and exactly-once like "
                     "`generate`; a finished job is not redone.")
-    # The flags follow AnnotateConfig's fields; their help is worded here until it moves onto the fields.
     add_flags(p, AnnotateConfig, ["teacher", "data_dir", "context", "tokens", "topk", "out", "windows_per_shard",
-                                  "address", "kv_cache_gib", "progress"], help={
-        "teacher": "teacher model directory (a packed ensemble, or a member)",
-        "data_dir": "train/ dataset directory (`python -m train data`)",
-        "context": "the student's context (window length)",
-        "tokens": "training tokens to annotate: the student's budget D (a smaller D reuses a prefix)",
-        "topk": "teacher tokens kept per position (default %(default)s)",
-        "out": "output directory (shards + manifest.json)",
-        "windows_per_shard": "windows per shard, the unit of resume (default %(default)s)",
-        "address": "Ray cluster address (default: a private local Ray)",
-        "kv_cache_gib": "KV cache of the engine on CPU, GiB (default %(default)g)",
-        "progress": "no progress bar"})
+                                  "address", "kv_cache_gib", "progress"])
     p.set_defaults(func=cmd_annotate)
 
     p = sub.add_parser("check", help="check a job's samples against the teacher's PyTorch reference",

@@ -9,43 +9,18 @@ from plumbing.config_flags import add_flags, from_args
 from plumbing.console import run_command
 from train.corpus import default_corpus
 from train.data import DatasetSpec, prepare_dataset
-from train.model import PRESETS, get_shape
+from train.model import get_shape
 from train.trainer import TrainConfig
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    """The knobs of one training run (shared by member, members and other stages' trainers): TrainConfig's fields,
-    whose help is worded here until it moves onto the fields. --preset and --warmup-frac are this command's own:
-    their defaults depend on --init-from (train_config_from_args)."""
-    add_flags(p, TrainConfig, ["data_dir"], help={"data_dir": "dataset directory made by `python -m train data`"})
-    p.add_argument("--preset", help=f"model shape: {', '.join(PRESETS)} (default cpu-s; with --init-from the base's "
-                                    "shape, and a preset given must equal it)")
-    add_flags(p, TrainConfig, ["init_from"], override={"init_from": {"metavar": "DIR"}}, help={
-        "init_from": "continued pre-training: start from this base model (any local Hugging Face Llama directory "
-                     "with safetensors weights, a Chorus member included) instead of random weights; its "
-                     "architecture is used. Make the dataset with `train data --tokenizer DIR` (checked). Every "
-                     "seed starts from the same base weights, so seeds vary the data order. Suggested for "
-                     "continued pre-training: a peak --lr about a third of the from-scratch one, and the default "
-                     "--warmup-frac of 0.05 (fresh AdamW moments on trained weights), then cosine to zero"})
-    p.add_argument("--warmup-frac", type=float,
-                   help="share of steps of linear lr warmup before the cosine decay (default 0.01; 0.05 with --init-from)")
-    add_flags(p, TrainConfig, ["tokens", "epochs", "lr", "weight_decay", "batch_size", "context", "eval_every",
-                               "checkpoint_every", "threads", "compile"], rename={"weight_decay": "--wd"}, help={
-        "tokens": "token budget D: exact number of training tokens (default %(default)s)",
-        "epochs": "passes over the D tokens (default %(default)s)",
-        "lr": "peak learning rate (default %(default)g)",
-        "weight_decay": "AdamW weight decay, multiplied by lr (default %(default)g)",
-        "batch_size": "sequences per step (default %(default)s)",
-        "context": "sequence length (default %(default)s)",
-        "eval_every": "steps between validation passes; 0 = at the end only",
-        "checkpoint_every": "steps between resumable checkpoints (default %(default)s)",
-        "threads": "torch threads per run (0 = torch default)",
-        "compile": "torch.compile a lone member on a CUDA GPU (faster steps after a compile of a minute or so; "
-                   "ignored on the CPU and by stacked training)"})
-
-
-def add_seed_arg(p: argparse.ArgumentParser, help: str | None) -> None:
-    add_flags(p, TrainConfig, ["seed"], help={"seed": help} if help else {})
+    """The knobs of one training run (shared by member, members, search and distill), derived from TrainConfig's
+    fields and their help. --preset and --warmup-frac default to None here: their defaults depend on --init-from
+    (train_config_from_args). --seed is each command's own (its help differs): add_flags(p, TrainConfig, ["seed"])."""
+    add_flags(p, TrainConfig, ["data_dir", "preset", "init_from", "warmup_frac", "tokens", "epochs", "lr",
+                               "weight_decay", "batch_size", "context", "eval_every", "checkpoint_every", "threads",
+                               "compile"], rename={"weight_decay": "--wd"},
+              override={"preset": {"default": None}, "warmup_frac": {"default": None}})
 
 
 def check_preset(args) -> None:
@@ -119,24 +94,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Corpus (txt/md/rst, jsonl with 'text', parquet with 'text'; optionally .zst; "
                                    "files or directories) -> byte-level BPE tokenizer + train/val token shards + manifest. "
                                    "Without --corpus, uses the default corpus (Debian's python3.11-doc sources).")
-    add_flags(p, DatasetSpec, ["corpus"], override={"corpus": {"default": None}},
-              help={"corpus": "corpus files or directories (default: the built-in default corpus)"})
+    add_flags(p, DatasetSpec, ["corpus"], override={"corpus": {"default": None}})  # None: the default corpus
     p.add_argument("--data-dir", required=True, help="output dataset directory")
     add_flags(p, DatasetSpec, ["vocab_size", "tokenizer", "val_fraction", "val_max_tokens", "max_chars"],
-              rename={"val_max_tokens": "--val-tokens"}, help={
-        "vocab_size": "BPE vocabulary size (default %(default)s)",
-        "tokenizer": "use this Hugging Face model's (or tokenizer's) directory's tokenizer instead of training one: "
-                     "for continued pre-training of that model (--init-from); its tokenizer.json is copied as is, so "
-                     "the manifest's tokenizer hash matches the base",
-        "val_fraction": "share of documents held out (default %(default)g)",
-        "val_max_tokens": "cap on validation tokens (default %(default)s)",
-        "max_chars": "read at most this many characters of the corpus"})
+              rename={"val_max_tokens": "--val-tokens"})
     p.add_argument("--cache-dir", default=".cache/corpus", help="where the default corpus is fetched to")
     p.set_defaults(func=cmd_data)
 
     p = sub.add_parser("member", help="train one member (resumable: re-run the same command after a kill)")
     add_train_args(p)
-    add_seed_arg(p, "initialisation and data-order seed (default %(default)s)")
+    add_flags(p, TrainConfig, ["seed"])
     p.add_argument("--out", required=True, help="run directory; the model lands in OUT/model")
     p.set_defaults(func=cmd_member)
 
@@ -150,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with the estimate. --separate trains each member as its own run on Ray instead.")
     add_train_args(p)
     p.add_argument("--k", type=int, default=3, help="number of members (default 3)")
-    add_seed_arg(p, "first seed; members use seed .. seed+k-1")
+    # K members: --seed is the first of K seeds, not one run's seed as the field's help says
+    add_flags(p, TrainConfig, ["seed"], help={"seed": "first seed; members use seed .. seed+k-1"})
     p.add_argument("--joint", action="store_true",
                    help="joint recipe: given the single-model optimum in --epochs/--wd, train at 2x epochs and 0.5x wd (floor 0.1)")
     p.add_argument("--out", required=True, help="directory; member i lands in OUT/seed-<i>/model")
@@ -164,7 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The paper's recipe search at one model size and budget. Every finished run is kept "
                                    "in OUT/ledger.jsonl, so a killed search resumes and no run is repeated.")
     add_train_args(p)
-    add_seed_arg(p, None)
+    # the search's --seed (every trial's) has always been listed without help: kept so, as issue 22 changes no --help
+    add_flags(p, TrainConfig, ["seed"], help={"seed": None})
     p.add_argument("--out", required=True, help="search directory (ledger, runs, result.json)")
     p.add_argument("--standard", action="store_true", help="standard recipe: weight decay fixed at 0.1")
     p.add_argument("--lrs", type=float, nargs="+", help="learning-rate grid (default: the paper's)")

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 from plumbing.artifacts import ArtifactError, OutputLock, atomic_write_bytes, atomic_write_json, publish_file, sha256_file
 from plumbing.artifacts import read_manifest as read_json_manifest
+from plumbing.config_flags import setting
 from train.corpus import CorpusError, corpus_files, read_documents
 
 log = logging.getLogger(__name__)
@@ -45,12 +46,15 @@ class DataError(ArtifactError):
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    corpus: tuple[str, ...]
-    vocab_size: int = 4096
-    val_fraction: float = 0.05
-    val_max_tokens: int = 100_000
-    max_chars: int | None = None  # read at most this much of the corpus (large corpora)
-    tokenizer: str | None = None  # an existing model's tokenizer directory (continued pre-training); None: train one
+    corpus: tuple[str, ...] = setting(help="corpus files or directories (default: the built-in default corpus)")
+    vocab_size: int = setting(4096, "BPE vocabulary size (default %(default)s)")
+    val_fraction: float = setting(0.05, "share of documents held out (default %(default)g)")
+    val_max_tokens: int = setting(100_000, "cap on validation tokens (default %(default)s)")
+    max_chars: int | None = setting(None, "read at most this many characters of the corpus")  # large corpora
+    tokenizer: str | None = setting(  # an existing model's tokenizer directory (continued pre-training); None: train one
+        None, "use this Hugging Face model's (or tokenizer's) directory's tokenizer instead of training one: for "
+              "continued pre-training of that model (--init-from); its tokenizer.json is copied as is, so the "
+              "manifest's tokenizer hash matches the base")
     chunk_tokens: int | None = None  # rows are seeded-shuffled chunks of this many tokens, not whole documents
     chunk_seed: int = 0
 

@@ -26,11 +26,12 @@ from tqdm import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from plumbing.artifacts import OutputLock
+from plumbing.config_flags import setting
 from train.base import BaseModel, BaseModelError, base_state_dict, check_base_fits, member_config, read_base
 from train.checkpoint import load_checkpoint, save_checkpoint
 from train.data import IGNORE_INDEX, DataError, load_tokens, read_manifest, windows
 from train.loop import Cadence, LogWindow, autocast_for, finish_run, lr_at, training_device
-from train.model import flops_per_token, get_shape, llama_config
+from train.model import PRESETS, flops_per_token, get_shape, llama_config
 from train.run_dir import RunDir
 
 log = logging.getLogger(__name__)
@@ -38,23 +39,35 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class TrainConfig:
-    data_dir: str
-    preset: str = "cpu-s"  # with init_from: "" takes the base's shape (a preset given must equal it)
-    init_from: str | None = None  # continued pre-training: a base model directory (train/base.py) to start from
-    tokens: int = 200_000  # the budget D: exactly this many training tokens, seen `epochs` times
-    epochs: int = 8
-    lr: float = 3e-3
-    weight_decay: float = 0.8
-    seed: int = 0
-    batch_size: int = 32
-    context: int = 128
-    warmup_frac: float = 0.01
+    """One training run. A field's help is its command-line flag's (train/cli.py, distill/cli.py derive them)."""
+    data_dir: str = setting(help="dataset directory made by `python -m train data`")
+    # with init_from: "" takes the base's shape (the CLI's --preset defaults by --init-from: train/cli.py)
+    preset: str = setting("cpu-s", f"model shape: {', '.join(PRESETS)} (default cpu-s; with --init-from the base's "
+                                   "shape, and a preset given must equal it)")
+    init_from: str | None = setting(  # continued pre-training: a base model directory (train/base.py) to start from
+        None, "continued pre-training: start from this base model (any local Hugging Face Llama directory with "
+              "safetensors weights, a Chorus member included) instead of random weights; its architecture is used. "
+              "Make the dataset with `train data --tokenizer DIR` (checked). Every seed starts from the same base "
+              "weights, so seeds vary the data order. Suggested for continued pre-training: a peak --lr about a "
+              "third of the from-scratch one, and the default --warmup-frac of 0.05 (fresh AdamW moments on trained "
+              "weights), then cosine to zero", metavar="DIR")
+    tokens: int = setting(200_000, "token budget D: exact number of training tokens (default %(default)s)")
+    epochs: int = setting(8, "passes over the D tokens (default %(default)s)")
+    lr: float = setting(3e-3, "peak learning rate (default %(default)g)")
+    weight_decay: float = setting(0.8, "AdamW weight decay, multiplied by lr (default %(default)g)")
+    seed: int = setting(0, "initialisation and data-order seed (default %(default)s)")
+    batch_size: int = setting(32, "sequences per step (default %(default)s)")
+    context: int = setting(128, "sequence length (default %(default)s)")
+    warmup_frac: float = setting(  # the CLI's default is 0.05 with --init-from (train/cli.py)
+        0.01, "share of steps of linear lr warmup before the cosine decay (default 0.01; 0.05 with --init-from)")
     grad_clip: float = 1.0
-    eval_every: int = 0  # steps between validation passes; 0 = only at the end
-    checkpoint_every: int = 50
+    eval_every: int = setting(0, "steps between validation passes; 0 = at the end only")
+    checkpoint_every: int = setting(50, "steps between resumable checkpoints (default %(default)s)")
     log_every: int = 10
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
-    compile: bool = False  # torch.compile the model on CUDA (fuses norms/rotary/SwiGLU); ignored on the CPU
+    threads: int = setting(0, "torch threads per run (0 = torch default)")  # intra-op threads
+    compile: bool = setting(  # fuses norms/rotary/SwiGLU
+        False, "torch.compile a lone member on a CUDA GPU (faster steps after a compile of a minute or so; ignored "
+               "on the CPU and by stacked training)")
     extra: dict = field(default_factory=dict)  # recorded with the run (e.g. a distillation's mixture), not interpreted
 
     def identity(self) -> dict:
