@@ -1,18 +1,27 @@
-"""Command lines derived from the config dataclasses (plumbing/config_flags.py): `serve up` and `synthdata generate`
-parse to exactly the configs' defaults, keep their flag spellings, and fill every section. No engine starts."""
+"""Every stage's command line derived from its config dataclasses (plumbing/config_flags.py; the flag rules
+themselves: tests/plumbing/test_config_flags.py): the commands parse to exactly the configs' defaults, keep their flag
+spellings, fill every section, and take every flag's help from its field. No engine starts."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 
 import pytest
 
+from distill.cli import build_parser as distill_parser
+from distill.student import DistillConfig
 from plumbing.config_flags import add_flags, from_args, setting
 from serve.app import DeploymentSettings, EngineSettings, EnsembleConfig, HttpSettings
 from serve.cli import API_KEY_ENV, config_from_args
 from serve.cli import build_parser as serve_parser
+from synthdata.annotate import AnnotateConfig
 from synthdata.cli import build_parser as synthdata_parser
 from synthdata.job import GenerateConfig
+from train.cli import build_parser as train_parser
+from train.cli import train_config_from_args
+from train.data import DatasetSpec
+from train.trainer import TrainConfig
 
 pytestmark = pytest.mark.fast
 
@@ -51,29 +60,79 @@ def test_synthdata_generate_defaults_are_the_configs():
     assert from_args(GenerateConfig, args).progress is False
 
 
+def test_synthdata_annotate_defaults_are_the_configs():
+    args = synthdata_parser().parse_args(["annotate", "--teacher", "t", "--data-dir", "d", "--context", "8",
+                                          "--tokens", "5", "--out", "o"])
+    assert from_args(AnnotateConfig, args) == AnnotateConfig(teacher="t", data_dir="d", out="o", context=8, tokens=5)
+
+
+def test_train_and_distill_defaults_are_the_configs():
+    for command in ("member", "members", "search"):
+        args = train_parser().parse_args([command, "--data-dir", "d", "--out", "o"])
+        assert train_config_from_args(args, args.seed) == TrainConfig(data_dir="d")
+    args = train_parser().parse_args(["member", "--data-dir", "d", "--out", "o", "--init-from", "base"])
+    assert train_config_from_args(args, 0) == TrainConfig(data_dir="d", init_from="base", preset="", warmup_frac=0.05)
+    args = train_parser().parse_args(["data", "--corpus", "c", "--data-dir", "d", "--val-tokens", "7"])
+    assert from_args(DatasetSpec, args, corpus=tuple(args.corpus)) == DatasetSpec(corpus=("c",), val_max_tokens=7)
+    args = distill_parser().parse_args(["--data-dir", "d", "--out", "o"])
+    assert from_args(DistillConfig, args, train=train_config_from_args(args, args.seed)) == DistillConfig(
+        train=TrainConfig(data_dir="d"), synthetic_dir=None)
+    with pytest.raises(SystemExit):
+        distill_parser().parse_args(["--data-dir", "d", "--out", "o", "--recipe", "nope"])  # the field's choices
+
+
+# Each command and the configs its flags are derived from.
+COMMAND_CONFIGS = {
+    ("train", "data"): (train_parser, [DatasetSpec]),
+    ("train", "member"): (train_parser, [TrainConfig]),
+    ("train", "members"): (train_parser, [TrainConfig]),
+    ("train", "search"): (train_parser, [TrainConfig]),
+    ("distill",): (distill_parser, [TrainConfig, DistillConfig]),
+    ("synthdata", "generate"): (synthdata_parser, [GenerateConfig]),
+    ("synthdata", "annotate"): (synthdata_parser, [AnnotateConfig]),
+    ("serve", "up"): (serve_parser, [EnsembleConfig, EngineSettings, DeploymentSettings, HttpSettings]),
+}
+# The flags whose help a command words for itself: one setting that means something else there.
+WORDED_BY_THE_COMMAND = {
+    (("train", "members"), "seed"),  # the first of K seeds
+    (("train", "search"), "seed"),  # listed without help, as it always was
+    (("distill",), "seed"),  # also the mixture's seed
+    (("serve", "up"), "api_key"),  # --api-key is one of three sources of the key (serve.cli.api_key_from)
+}
+
+
+def subcommand(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return sub.choices[name]
+
+
+def flags_without_their_fields_help(parser: argparse.ArgumentParser, configs: list[type]) -> list[str]:
+    """The flags of `parser` that stand for a field of `configs` but do not show that field's help: the field has
+    none (then only a help= map could give the flag one), or the command words the flag's help itself."""
+    fields = {f.name: f for config in configs for f in dataclasses.fields(config)}
+    return [action.dest for action in parser._actions if action.dest in fields
+            and (not fields[action.dest].metadata.get("help") or action.help != fields[action.dest].metadata["help"])]
+
+
+def test_every_config_flag_takes_its_help_from_its_field():
+    missing = []
+    for command, (build, configs) in COMMAND_CONFIGS.items():
+        parser = build() if len(command) == 1 else subcommand(build(), command[1])
+        missing += [(command, dest) for dest in flags_without_their_fields_help(parser, configs)]
+    assert set(missing) == WORDED_BY_THE_COMMAND
+
+
 @dataclass(frozen=True)
-class Example:
-    path: str = setting(help="required: no default")
-    weight_decay: float = setting(0.8, "decay (default %(default)g)")
-    max_len: int | None = None
-    progress: bool = setting(True, "no progress bar")
-    fast: bool = False
-    corpus: tuple[str, ...] = ("a",)
-    kind: str = setting("x", choices=("x", "y"))
-    hidden: dict = field(default_factory=dict)
+class Bare:
+    documented: int = setting(1, "has help")
+    bare: int = 2  # no help on the field
 
 
-def test_flag_rules():
+def test_the_help_check_catches_a_field_without_help():
+    """Negative control: a field without help gives a flag without help, and a help= map does not make up for it."""
     parser = argparse.ArgumentParser()
-    add_flags(parser, Example, skip=["hidden"], rename={"weight_decay": "--wd"})
-    args = parser.parse_args(["--path", "p", "--wd", "0.1", "--max-len", "7", "--no-progress", "--fast",
-                              "--corpus", "b", "c", "--kind", "y"])
-    assert from_args(Example, args) == Example("p", 0.1, 7, False, True, ("b", "c"), "y")
-    assert from_args(Example, parser.parse_args(["--path", "p"])) == Example("p")
-    assert "--wd WD" in parser.format_help() and "decay (default 0.8)" in parser.format_help()
-    with pytest.raises(SystemExit):
-        parser.parse_args([])  # --path is required: the field has no default
-    with pytest.raises(SystemExit):
-        parser.parse_args(["--path", "p", "--kind", "z"])
-    with pytest.raises(ValueError, match="no field"):
-        add_flags(argparse.ArgumentParser(), Example, ["nope"])
+    add_flags(parser, Bare)
+    assert flags_without_their_fields_help(parser, [Bare]) == ["bare"]
+    parser = argparse.ArgumentParser()
+    add_flags(parser, Bare, help={"bare": "worded by the command"})
+    assert flags_without_their_fields_help(parser, [Bare]) == ["bare"]
