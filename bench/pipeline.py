@@ -22,11 +22,12 @@ import typing
 from pathlib import Path
 
 from bench.study.job import StudyConfig, run_study
-from bench.study.profile import StudyError, StudyProfile, load_profile, validate_profile
+from bench.study.profile import FIELD_SECTION, SECTIONS, StudyError, StudyProfile, load_profile, validate_profile
 from plumbing.console import exit_on, setup_logging
 
-# fields that are not settings to override: the profile's identity, and its corpus (--corpus takes files)
-NOT_FLAGS = ("name", "description", "corpus")
+# a section's field that is not a setting to override: the corpus (--corpus takes files); the profile's identity
+# (name, description) is in no section, so it has no flag either
+NOT_FLAGS = ("corpus",)
 RECIPE_GRIDS = ("epochs", "lrs", "wds")  # a profile that does not search trains at `start`; these follow it
 
 
@@ -68,22 +69,25 @@ def build_parser(profile: StudyProfile) -> argparse.ArgumentParser:
         textwrap.fill(
             "Values are JSON (3, 0.5, true, null) or plain words (cpu-xs); a field of several values takes them as "
             "separate words. The job validates the result like a profile file." + (
-                "" if profile.search else f" Profile {profile.name} does not search: --start sets the recipe, and "
-                f"the grids {', '.join(RECIPE_GRIDS)} follow it."), 110))
-    for name, field in StudyProfile.model_fields.items():
-        if name in NOT_FLAGS:
-            continue
-        value = json.dumps(profile.recorded()[name])
-        fields.add_argument(f"--{name.replace('_', '-')}", dest=name, nargs=_nargs(field.annotation), type=_value,
-                            metavar=name.upper(), help=f"{field.description} (default {value})".replace("%", "%%"))
+                "" if profile.recipes.search else f" Profile {profile.name} does not search: --start sets the "
+                f"recipe, and the grids {', '.join(RECIPE_GRIDS)} follow it."), 110))
+    recorded = profile.recorded()
+    for section, model in SECTIONS.items():  # one flag per field, named for the field alone (names are unique)
+        for name, field in model.model_fields.items():
+            if name in NOT_FLAGS:
+                continue
+            value = json.dumps(recorded[section][name])
+            fields.add_argument(f"--{name.replace('_', '-')}", dest=name, nargs=_nargs(field.annotation),
+                                type=_value, metavar=name.upper(),
+                                help=f"{field.description} (default {value})".replace("%", "%%"))
     return p
 
 
 def overrides(profile: StudyProfile, args: argparse.Namespace) -> dict:
     """The fields the command line sets; for a profile that does not search, --start sets the grids as well."""
-    changed = {name: getattr(args, name) for name in StudyProfile.model_fields
+    changed = {name: getattr(args, name) for name in FIELD_SECTION
                if name not in NOT_FLAGS and getattr(args, name) is not None}
-    if not profile.search:
+    if not profile.recipes.search:
         if given := [f"--{g}" for g in RECIPE_GRIDS if g in changed]:
             raise StudyError(f"profile {profile.name} does not search: {', '.join(given)} set search grids; set "
                              "its recipe with --start EPOCHS LR WD")
@@ -102,7 +106,10 @@ def main(argv: list[str] | None = None) -> None:
         setup_logging()
         if changed := overrides(profile, args):
             flags = " ".join(f"--{k.replace('_', '-')}" for k in changed)
-            profile = validate_profile({**profile.model_dump(), **changed}, f"profile {profile.name} with {flags}")
+            record = profile.model_dump()
+            for name, value in changed.items():
+                record[FIELD_SECTION[name]][name] = value
+            profile = validate_profile(record, f"profile {profile.name} with {flags}")
         command = "bash scripts/demo.sh " + " ".join(argv)
         cfg = StudyConfig(profile=profile, out=args.out, corpus=tuple(args.corpus), address=args.address,
                           n_boot=args.n_boot, tasks=tuple(args.tasks), command=command.strip())

@@ -31,6 +31,7 @@ from bench.science.verdicts import (
     seed_losses,
     story_verdicts,
 )
+from bench.study.profile import recorded_profile
 from plumbing.artifacts import atomic_write_text, publish_file
 
 
@@ -182,20 +183,20 @@ def _seed_row(model: str, how: str, runs: Sequence[dict], gain, against: str) ->
 def story_section(results: dict, a) -> list[str]:
     """The paper's story at the largest size: standard beside regularized, the ensemble, the distilled student,
     each one's gain with its interval over seeds, and whether each effect shows (bench.science.verdicts)."""
-    p = results["profile"]
-    top = [q for q in p["presets"] if q in results.get("members", {})]
+    p = recorded_profile(results)
+    top = [q for q in p.runs.presets if q in results.get("members", {})]
     if not top:
         return ["## The story\n", "Not run yet.\n"]
     n = top[-1]
     m, s = results["members"][n], results["search"][n]
     g = a.gains
-    ens = [r for r in results.get("ensembles", {}).get(n, []) if r["k"] == p["k_max"]]
+    ens = [r for r in results.get("ensembles", {}).get(n, []) if r["k"] == p.members.k_max]
     rows = [["standard (wd 0.1)", _setting(s["standard"]), len(m["standard"]), f"{mean_loss(m['standard']):.4f}",
              seed_losses(m["standard"]), "(reference)"],
             _seed_row("regularized", _setting(s["regularized"]), m["regularized"], g.get("regularization"),
                       " vs standard")]
     if ens:
-        rows.append([f"ensemble K={p['k_max']} (logit average)", _setting(m["ensemble_setting"]) + " members",
+        rows.append([f"ensemble K={p.members.k_max} (logit average)", _setting(m["ensemble_setting"]) + " members",
                      1, f"{ens[0]['loss']:.4f}", "", gain_text(g["ensemble"]) + " vs its members' mean"
                      if "ensemble" in g else "n/a"])
     d = results.get("distill", {})
@@ -210,7 +211,7 @@ def story_section(results: dict, a) -> list[str]:
         rows.append(_seed_row("control: student recipe, real data only", f"{d['control'][0]['epochs']} epochs, same steps",
                               d["control"], g.get("synthetic"), " (control - student)"))
     rows += soft_rows(d, g)
-    out = [f"## The story at N = {n} ({s['params']:,} non-embedding parameters), D = {p['tokens']:,} tokens\n",
+    out = [f"## The story at N = {n} ({s['params']:,} non-embedding parameters), D = {p.runs.tokens:,} tokens\n",
            markdown_table(["model", "epochs / lr / wd", "seeds", "loss (mean)", "each seed", "gain, 95% interval over seeds"],
                           rows),
            ("\nLoss: validation nats/token on the fixed held-out tokens. Intervals: percentile bootstrap over the "
@@ -323,16 +324,16 @@ def efficiency_section(results: dict, a, out: Path) -> list[str]:
 
 
 def search_section(results: dict) -> list[str]:
-    p = results["profile"]
+    p = recorded_profile(results)
     rows = []
-    for n in [q for q in p["presets"] if q in results.get("search", {})]:
+    for n in [q for q in p.runs.presets if q in results.get("search", {})]:
         for r in ("standard", "regularized"):
             o = results["search"][n][r]
             rows.append([n, r, o["epochs"], f"{o['lr']:g}", f"{o['wd']:g}", o["reason"], len(o["runs"])])
     if not rows:
         return []
     how = ("coordinate descent (train.search): certified only when all one-step neighbours ran and are worse; an "
-           "optimum on a grid edge extends the grid" if p["search"] else "not searched: the profile fixes them")
+           "optimum on a grid edge extends the grid" if p.recipes.search else "not searched: the profile fixes them")
     return ["## Recipe settings\n", f"How: {how}.\n\n",
             markdown_table(["N", "recipe", "epochs", "lr", "wd", "status", "runs"], rows)]
 
@@ -411,19 +412,19 @@ def dataset_text(ds: dict) -> str:
 
 def render_report(results: dict, a, out: Path, phases: Sequence[str]) -> str:
     """REPORT.md's text from results.json's content and its analysis (bench.study.analysis.analyze); writes the plots."""
-    p = results["profile"]
+    p = recorded_profile(results)
     done = results.get("phases_done", [])
     # the gate is a phase only where the profile asks for one (a study begun before it existed never ran it)
-    phases = [ph for ph in phases if ph != "gate" or p.get("gate_epochs")]
+    phases = [ph for ph in phases if ph != "gate" or p.gate.gate_epochs]
     status = "complete" if all(ph in done for ph in phases) else (
         f"**PARTIAL**: phases done {', '.join(done) or 'none'}; still to run "
         f"{', '.join(ph for ph in phases if ph not in done)}")
     ds = results.get("dataset", {})
-    parts = [f"# Chorus: profile `{p['name']}`\n", f"{p['description']}\n",
+    parts = [f"# Chorus: profile `{p.name}`\n", f"{p.description}\n",
              (f"- Status: {status}\n- Command: `{results.get('command', '')}` (the same command continues a killed run)\n"
              f"- Corpus: {', '.join(ds.get('corpus', []))}; {ds.get('train_tokens', 0):,} training tokens available, "
-             f"{ds.get('val_tokens', 0):,} fixed validation tokens, vocabulary {ds.get('vocab_size', p['vocab_size'])}; "
-             f"context {p['context']}, batch {p['batch_size']}\n{dataset_text(ds)}")]
+             f"{ds.get('val_tokens', 0):,} fixed validation tokens, vocabulary {ds.get('vocab_size', p.data.vocab_size)}; "
+             f"context {p.runs.context}, batch {p.runs.batch_size}\n{dataset_text(ds)}")]
     parts += gate_section(results)
     parts += calibration_section(results, a)
     parts += claims_section(results, a)

@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from bench.science.fits import Interval, JointLimitFit, PowerLawFit
+from bench.study.profile import recorded_profile
 
 PAPER_SCALE = "150M-1.4B parameters on 200M tokens"  # ../shared/docs/paper-recipe.md
 
@@ -108,8 +109,8 @@ def claim_rows(results: dict, a) -> list[list]:
     """The paper's claims, one row each: the claim, its number, ours with a 95% interval, and a verdict computed
     from the analysis (supported, contradicted, or cannot be resolved at this scale, with the reason). A number
     derived from a flagged law is withheld: the verdict names the flag. No rows before any size has members."""
-    p, search = results["profile"], results.get("search", {})
-    top = [q for q in p["presets"] if q in results.get("members", {})]
+    p, search = recorded_profile(results), results.get("search", {})
+    top = [q for q in p.runs.presets if q in results.get("members", {})]
     if not top:
         return []
     rows = []
@@ -143,7 +144,7 @@ def claim_rows(results: dict, a) -> list[list]:
                      f"C_joint - the lower of the two: {text}",
                      f"cannot be resolved at this scale: {problem}" if problem else _sign_verdict(interval, False)])
 
-    main = f"D={p['tokens']:,}"
+    main = f"D={p.runs.tokens:,}"
     local = next((e for n, e in getattr(a, "local_efficiencies", {}).items()
                   if n.startswith("regularized") and n.endswith(main)), None)
     law_reg = a.efficiencies.get("regularized, N -> inf (asymptote)")
@@ -190,7 +191,7 @@ def claim_rows(results: dict, a) -> list[list]:
     if down is not None:
         text, interval = down
         rows.append(["downstream gain of the ensemble over a single model", "+3.7 points (64.4 vs 60.7, 1.4B)",
-                     f"ensemble K={p['k_max']} ({top[-1]}) - regularized: {text}", _sign_verdict(interval)])
+                     f"ensemble K={p.members.k_max} ({top[-1]}) - regularized: {text}", _sign_verdict(interval)])
     return rows
 
 
@@ -228,11 +229,11 @@ def scale_limits(results: dict, a) -> list[str]:
     """What this study's scale cannot answer, collected from the analysis rather than written by hand: optima the
     search could not certify, laws not identified or flagged, multipliers read outside the data law's range,
     and effects whose interval includes 0; one Markdown list item each, none before the search has run."""
-    p, search = results["profile"], results.get("search", {})
+    p, search = recorded_profile(results), results.get("search", {})
     if not search:
         return []
     params = [s["params"] for s in search.values()]
-    lines = [f"- Scale: {min(params):,}-{max(params):,} non-embedding parameters on {p['tokens']:,} tokens "
+    lines = [f"- Scale: {min(params):,}-{max(params):,} non-embedding parameters on {p.runs.tokens:,} tokens "
              f"(the paper: {PAPER_SCALE}). The orderings are the findings that may carry over; the sizes of "
              "asymptotes and multipliers at this scale are not the paper's numbers."]
 
@@ -280,8 +281,8 @@ def _c_text(fit) -> str:
 
 def answers_section(results: dict, a) -> list[str]:
     """The study's six questions, each answered with an interval or with why this scale cannot answer it."""
-    p = results["profile"]
-    top = [q for q in p["presets"] if q in results.get("members", {})]
+    p = recorded_profile(results)
+    top = [q for q in p.runs.presets if q in results.get("members", {})]
     if len(top) < 2:
         return []
     qa = []

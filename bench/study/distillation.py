@@ -68,12 +68,13 @@ class DistillationPhases:
             ray.shutdown()  # the endpoint and the synthetic job start their own
 
     def teacher_dirs(self) -> list[str]:
-        return [m["model_dir"] for m in self.results["members"][self.p.distill_preset or self.p.presets[-1]]["ensemble"]]
+        preset = self.p.distill.distill_preset or self.p.runs.presets[-1]
+        return [m["model_dir"] for m in self.results["members"][preset]["ensemble"]]
 
     def phase_serve(self) -> None:
         from serve.pack import pack_ensemble
 
-        if not self.p.serve_check:
+        if not self.p.serve.serve_check:
             return
         ensemble_dir = pack_ensemble(self.teacher_dirs(), self.out / "ensemble", combine="logits")
         key = {"kind": "endpoint", "models": model_ids([str(ensemble_dir)])}
@@ -86,33 +87,34 @@ class DistillationPhases:
     def phase_distill(self) -> None:
         from distill.student import DistillConfig, distill
 
-        preset = self.p.distill_preset
+        preset = self.p.distill.distill_preset
         if not preset:
             return
         root = self.out / "distill"
         root.mkdir(parents=True, exist_ok=True)
-        p = self.p
-        budget = synthetic_budget(p.tokens, p.context, p.batch_size, p.student_epochs, p.distill_w)
-        soft_budget = synthetic_budget(p.tokens, p.context, p.batch_size, p.soft_epochs, p.soft_w) if p.soft_w else 0
+        runs, d = self.p.runs, self.p.distill
+        budget = synthetic_budget(runs.tokens, runs.context, runs.batch_size, d.student_epochs, d.distill_w)
+        soft_budget = (synthetic_budget(runs.tokens, runs.context, runs.batch_size, d.soft_epochs, d.soft_w)
+                       if d.soft_w else 0)
         reg = self.results["search"][preset]["regularized"]
-        student = dataclasses.replace(self.base_config(preset, p.tokens), epochs=p.student_epochs, lr=reg["lr"],
-                                      weight_decay=p.student_wd)
-        soft_student = dataclasses.replace(student, epochs=p.soft_epochs, weight_decay=p.soft_wd)
+        student = dataclasses.replace(self.base_config(preset, runs.tokens), epochs=d.student_epochs, lr=reg["lr"],
+                                      weight_decay=d.student_wd)
+        soft_student = dataclasses.replace(student, epochs=d.soft_epochs, weight_decay=d.soft_wd)
         record = self.results.setdefault("distill", {})
         record.update({"preset": preset, "synthetic_tokens_rule": (
             f"(ceil({SYNTHETIC_MARGIN} x steps x batch x w) + 16) x context, steps = real windows x student epochs "
             f"/ (1 - w) / batch: {budget:,} tokens per teacher, fixed before the run"),
-            "synthetic_tokens": budget, "w": p.distill_w, "student_epochs": p.student_epochs,
-            "student_wd": p.student_wd, "student_lr": reg["lr"]})
-        if p.soft_students or p.soft_self_teachers:
-            record["soft_recipe"] = {"epochs": p.soft_epochs, "w": p.soft_w, "blend": p.soft_blend, "wd": p.soft_wd,
-                              "lr": reg["lr"], "topk": p.topk, "synthetic_tokens": soft_budget}
+            "synthetic_tokens": budget, "w": d.distill_w, "student_epochs": d.student_epochs,
+            "student_wd": d.student_wd, "student_lr": reg["lr"]})
+        if d.soft_students or d.soft_self_teachers:
+            record["soft_recipe"] = {"epochs": d.soft_epochs, "w": d.soft_w, "blend": d.soft_blend, "wd": d.soft_wd,
+                                     "lr": reg["lr"], "topk": d.topk, "synthetic_tokens": soft_budget}
 
         # (kind, index, teacher member or None, soft labels?): seq-level students, then soft-label ones
-        students = [("ensemble", i, None, False) for i in range(p.student_seeds)]
-        students += [("self", i, i, False) for i in range(p.self_teachers)]
-        students += [("soft", i, None, True) for i in range(p.soft_students)]
-        students += [("soft-self", i, i, True) for i in range(p.soft_self_teachers)]
+        students = [("ensemble", i, None, False) for i in range(d.student_seeds)]
+        students += [("self", i, i, False) for i in range(d.self_teachers)]
+        students += [("soft", i, None, True) for i in range(d.soft_students)]
+        students += [("soft-self", i, i, True) for i in range(d.soft_self_teachers)]
         synthetic, annotated = {}, {}  # teacher name -> its synthetic job / annotations, prepared on first use
         for kind, i, member, soft in students:
             teacher, name = self.distill_teacher(member)
@@ -126,7 +128,7 @@ class DistillationPhases:
             seed = {"ensemble": 1000, "self": 2000, "soft": 4000, "soft-self": 5000}[kind] + i
             cfg = DistillConfig(train=dataclasses.replace(soft_student if soft else student, seed=seed),
                                 synthetic_dir=str(synth_dir) if synth_dir else None, recipe=recipe,
-                                w=p.soft_w if soft else p.distill_w, blend=p.soft_blend if soft else 0.0,
+                                w=d.soft_w if soft else d.distill_w, blend=d.soft_blend if soft else 0.0,
                                 annotations=str(annotations) if annotations else None)
             run_dir = root / f"student-{kind}-{i}"
             fresh = not RunDir(run_dir).complete
@@ -141,13 +143,13 @@ class DistillationPhases:
                 "steps": result["steps"], "val_loss": result["val_loss"], "model_dir": result["model_dir"]}]
             rows.sort(key=lambda r: r["index"])
             self.save()
-        if p.distill_control:  # the same student recipe on real data only, at the same number of optimizer steps
+        if d.distill_control:  # the same student recipe on real data only, at the same number of optimizer steps
             record["control"] = self.control(record["ensemble"][0]["steps"], student, root / "control", 3000,
-                                             p.student_seeds)
+                                             d.student_seeds)
             self.save()
-        if p.soft_control and record.get("soft"):  # the soft recipe's schedule, CE on real data only, same steps
+        if d.soft_control and record.get("soft"):  # the soft recipe's schedule, CE on real data only, same steps
             record["control-soft"] = self.control(record["soft"][0]["steps"], soft_student, root / "control-soft", 6000,
-                                                  p.soft_students)
+                                                  d.soft_students)
             self.save()
 
     def distill_teacher(self, member: int | None) -> tuple[Path, str]:
@@ -155,7 +157,7 @@ class DistillationPhases:
         from serve.pack import pack_ensemble
 
         if member is not None:
-            preset = self.p.distill_preset
+            preset = self.p.distill.distill_preset
             return Path(self.results["members"][preset]["regularized"][member]["model_dir"]), f"self-{member}"
         if "serve" in self.results:
             return Path(self.results["serve"]["ensemble_dir"]), "ensemble"
@@ -166,16 +168,16 @@ class DistillationPhases:
         `soft_budget`) and carrying top-k when a soft student reads it; None when no student needs one."""
         from synthdata.job import GenerateConfig, generate
 
-        p = self.p
-        seq = p.student_seeds if member is None else int(member < p.self_teachers)
-        soft = p.soft_students if member is None else int(member < p.soft_self_teachers)
+        d = self.p.distill
+        seq = d.student_seeds if member is None else int(member < d.self_teachers)
+        soft = d.soft_students if member is None else int(member < d.soft_self_teachers)
         tokens = max(budget if seq else 0, soft_budget if soft else 0)
         if not tokens:
             return None
         out = self.out / "distill" / f"synthetic-{name}"
         self._release_ray()  # a local Ray of training workers would hold the cores the engine needs
-        generate(GenerateConfig(teacher=str(teacher), tokens=tokens, out=str(out), shard_tokens=p.synthetic_shard_tokens,
-                                address=self.cfg.address, topk=p.topk if soft and p.soft_w else 0))
+        generate(GenerateConfig(teacher=str(teacher), tokens=tokens, out=str(out),
+                                shard_tokens=d.synthetic_shard_tokens, address=self.cfg.address, topk=d.topk if soft and d.soft_w else 0))
         return out
 
     def annotations_for(self, teacher: Path, name: str) -> Path:
@@ -184,14 +186,14 @@ class DistillationPhases:
         out = self.out / "distill" / f"annotations-{name}"
         self._release_ray()
         annotate(AnnotateConfig(teacher=str(teacher), data_dir=str(self.data_dir), out=str(out),
-                                context=self.p.context, tokens=self.p.tokens, topk=self.p.topk,
+                                context=self.p.runs.context, tokens=self.p.runs.tokens, topk=self.p.distill.topk,
                                 address=self.cfg.address))
         return out
 
     def control(self, steps: int, student, ledger_dir: Path, seed0: int, seeds: int) -> list[dict]:
         """A student's schedule on real data only (cross-entropy), at the same number of optimizer steps."""
-        p = self.p
-        per_epoch = math.ceil(math.ceil((p.tokens - 1) / p.context) / p.batch_size)
+        runs = self.p.runs
+        per_epoch = math.ceil(math.ceil((runs.tokens - 1) / runs.context) / runs.batch_size)
         epochs = max(1, round(steps / per_epoch))
         configs = [dataclasses.replace(student, epochs=epochs, seed=seed0 + i) for i in range(seeds)]
         records = self.train(configs, ledger_dir, "control")
@@ -200,11 +202,11 @@ class DistillationPhases:
 
     def downstream_models(self) -> dict[str, list[str]]:
         """Each recipe's model at the largest N (distillation at its own size): name -> member dirs."""
-        top = self.p.presets[-1]
+        top = self.p.runs.presets[-1]
         m = self.results["members"][top]
         models = {f"standard ({top}, seed 0)": [m["standard"][0]["model_dir"]],
                   f"regularized ({top}, seed 0)": [m["regularized"][0]["model_dir"]],
-                  f"ensemble K={self.p.k_max} ({top})": [r["model_dir"] for r in m["ensemble"]]}
+                  f"ensemble K={self.p.members.k_max} ({top})": [r["model_dir"] for r in m["ensemble"]]}
         distilled = self.results.get("distill", {})
         for recipe, label in (("ensemble", "student"), ("self", "self-distilled student"),
                               ("soft", "soft-label student")):
@@ -217,17 +219,17 @@ class DistillationPhases:
         from serve.downstream import evaluate_downstream
 
         eval_dir = Path(self.cfg.eval_dir) if self.cfg.eval_dir else None
-        tasks = [eval_dir / f"{t}.jsonl" for t in self.p.eval_tasks] if eval_dir else []
+        tasks = [eval_dir / f"{t}.jsonl" for t in self.p.downstream.eval_tasks] if eval_dir else []
         missing = [str(t) for t in tasks if not t.exists()]
-        if missing or (self.p.eval_tasks and not eval_dir):
+        if missing or (self.p.downstream.eval_tasks and not eval_dir):
             log.warning("downstream tasks absent, skipped: %s", ", ".join(missing) or "no --eval-dir")
             self.results["downstream_skipped"] = f"task files absent: {', '.join(missing) or 'no --eval-dir'}"
             tasks = []
         tasks += [Path(t) for t in self.cfg.tasks]
-        if self.p.next_word_items:
+        if self.p.downstream.next_word_items:
             path = self.out / "heldout_next_word.jsonl"
             if not path.exists():  # a re-run trusts it: every run of the job scores the same items
-                items = heldout_next_word(self.data_dir, self.p.next_word_items)
+                items = heldout_next_word(self.data_dir, self.p.downstream.next_word_items)
                 atomic_write_text(path, "".join(json.dumps(i) + "\n" for i in items))
             tasks.append(path)
         if not tasks:
@@ -235,8 +237,8 @@ class DistillationPhases:
         results = {}
         for name, dirs in self.downstream_models().items():
             key = {"kind": "downstream", "models": model_ids(dirs), "tasks": [str(t) for t in tasks],
-                   "limit": self.p.eval_limit}
+                   "limit": self.p.downstream.eval_limit}
             results[name] = self.evals.value(key, lambda dirs=dirs: evaluate_downstream(
-                dirs, tasks, "logits", self.p.eval_limit, progress=False))
+                dirs, tasks, "logits", self.p.downstream.eval_limit, progress=False))
             log.info("downstream %s: %s", name, ", ".join(f"{t} {r['acc']:.3f}" for t, r in results[name].items()))
-        self.results["downstream"] = {"limit": self.p.eval_limit, "models": results}
+        self.results["downstream"] = {"limit": self.p.downstream.eval_limit, "models": results}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.study.analysis import write_report
 from bench.study.distillation import DistillationPhases
-from bench.study.profile import PHASES, StudyError, StudyProfile, profile_defaults
+from bench.study.profile import PHASES, StudyError, StudyProfile, validate_profile
 from bench.study.training import TrainingPhases
 from plumbing.artifacts import Ledger, OutputLock, atomic_write_json, read_json
 
@@ -43,17 +43,14 @@ class Study(TrainingPhases, DistillationPhases):
         self.data_dir = Path(cfg.data_dir) if cfg.data_dir else self.out / "data"
         self.results_path = self.out / "results.json"
         self.results = read_json(self.results_path, "study results") if self.results_path.exists() else {}
-        profile = self.p.recorded()  # as it reads back from results.json
-        stored = self.results.setdefault("profile", profile)
-        defaults = profile_defaults()
-        for k in set(profile) - set(stored):  # a field added since the study started, at its default: the same study
-            if k in defaults and profile[k] == defaults[k]:
-                stored[k] = profile[k]
-        stored["description"] = profile["description"]  # prose: rewording it does not make another study
-        if stored != profile:
-            diff = sorted(k for k in profile if self.results["profile"].get(k) != profile[k])
-            raise StudyError(f"{self.out} holds a study of another profile (differs in: {', '.join(diff)}); "
-                             "use another --out or the same settings")
+        if "profile" in self.results:  # a resumed study: its recorded profile (flat or nested) must be this one
+            stored = validate_profile(self.results["profile"], f"{self.results_path} (its profile)")
+            # a field added since the study started reads back at its default, so a profile that keeps the default
+            # is the same study; the description is prose: rewording it does not make another study
+            if diff := [f for f in self.p.differences(stored) if f != "description"]:
+                raise StudyError(f"{self.out} holds a study of another profile (differs in: {', '.join(diff)}); "
+                                 "use another --out or the same settings")
+        self.results["profile"] = self.p.recorded()  # nested, by section
         self.results.setdefault("phases_done", [])
         self.results.setdefault("seconds", {})
         self.results["command"] = cfg.command

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from bench.study.profile import recorded_profile
+
 RECIPES = ("standard", "regularized")
 # distill's record: each kind of student or control (results.json key) and its recipe in the analysis' rows
 DISTILLED_RECIPES = {"ensemble": "student:ensemble", "self": "student:self", "control": "control",
@@ -70,7 +72,7 @@ class StudyResults:
         """The view of results.json's content (a view passes through)."""
         if isinstance(results, StudyResults):
             return results
-        profile = results["profile"]
+        profile = recorded_profile(results)
         members, ensembles = results.get("members", {}), results.get("ensembles", {})
         sizes = {}
         for preset, s in results.get("search", {}).items():
@@ -84,7 +86,7 @@ class StudyResults:
         d = results.get("distill", {})
         distilled = Distilled(d.get("preset"), {kind: [SeedLoss.of(row) for row in d[kind]]
                                                 for kind in DISTILLED_RECIPES if d.get(kind)})
-        return cls(tokens=profile["tokens"], k_max=profile["k_max"], presets=list(profile["presets"]),
+        return cls(tokens=profile.runs.tokens, k_max=profile.members.k_max, presets=list(profile.runs.presets),
                    sizes=sizes, members_done=list(members), ensembles_done=list(ensembles), budgets=budgets,
                    distilled=distilled, floor=results.get("calibration", {}).get("floor"))
 

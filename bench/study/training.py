@@ -60,10 +60,10 @@ class TrainingPhases:
     def base_config(self, preset: str, tokens: int):
         from train.trainer import TrainConfig
 
-        e, lr, wd = self.p.start
+        e, lr, wd = self.p.recipes.start
         return TrainConfig(data_dir=str(self.data_dir.resolve()), preset=preset, tokens=tokens, epochs=e, lr=lr,
-                           weight_decay=wd, batch_size=self.p.batch_size, context=self.p.context,
-                           checkpoint_every=self.p.checkpoint_every)
+                           weight_decay=wd, batch_size=self.p.runs.batch_size, context=self.p.runs.context,
+                           checkpoint_every=self.p.runs.checkpoint_every)
 
     def ledger_dir(self, preset: str, tokens: int) -> Path:
         return self.out / "runs" / preset / f"d{tokens}"
@@ -85,22 +85,23 @@ class TrainingPhases:
         """The recipe's optimum at (preset, tokens): searched, or the profile's fixed point."""
         from train.search import DEFAULT_LIMITS, SearchSpace, coordinate_descent
 
-        e, lr, wd = self.p.start
-        if not self.p.search:
+        recipes = self.p.recipes
+        e, lr, wd = recipes.start
+        if not recipes.search:
             wd = 0.1 if standard else wd
             return {"epochs": e, "lr": lr, "wd": wd, "certified": False, "rounds": 0, "runs": [],
                     "reason": "fixed by the profile, not searched"}
-        space = SearchSpace(epochs=self.p.epochs, lrs=self.p.lrs, wds=(0.1,) if standard else self.p.wds,
-                            fixed=("wd",) if standard else (), limits=self.p.limits or DEFAULT_LIMITS)
-        start = self.p.start
-        if tokens != self.p.tokens:  # the data law: epochs and wd searched again at each budget, lr kept
+        space = SearchSpace(epochs=recipes.epochs, lrs=recipes.lrs, wds=(0.1,) if standard else recipes.wds,
+                            fixed=("wd",) if standard else (), limits=recipes.limits or DEFAULT_LIMITS)
+        start = recipes.start
+        if tokens != self.p.runs.tokens:  # the data law: epochs and wd searched again at each budget, lr kept
             start = self._main_optimum(preset, standard)
             space = dataclasses.replace(space, lrs=(start[1],), fixed=tuple({*space.fixed, "lr"}))
         ledger_dir = self.ledger_dir(preset, tokens)
         before = len(run_ledger(ledger_dir).records)
         outcome = coordinate_descent(self.base_config(preset, tokens), space, ledger_dir,
                                      start=(start[0], start[1], 0.1 if standard else start[2]),
-                                     address=self.cfg.address, max_rounds=self.p.max_rounds)
+                                     address=self.cfg.address, max_rounds=recipes.max_rounds)
         self.trained += len(run_ledger(ledger_dir).records) - before
         o = outcome["optimum"]
         return {"epochs": o["epochs"], "lr": o["lr"], "wd": o["wd"], "certified": outcome["certified"],
@@ -119,7 +120,7 @@ class TrainingPhases:
         from train.members import joint_recipe
 
         o = self.results["search"][preset]["regularized"]
-        if not self.p.joint_members:
+        if not self.p.members.joint_members:
             return {"epochs": o["epochs"], "lr": o["lr"], "wd": o["wd"], "recipe": "the single-model optimum"}
         epochs, wd = joint_recipe(o["epochs"], o["wd"])
         return {"epochs": epochs, "lr": o["lr"], "wd": wd, "recipe": "joint (2x epochs, 0.5x wd of the optimum)"}
@@ -136,27 +137,28 @@ class TrainingPhases:
             log.info("using the existing dataset %s (the profile's corpus settings do not apply)", self.data_dir)
         else:
             corpus = list(self.cfg.corpus)
-            if not corpus and self.p.calibration is not None:
+            data = self.p.data
+            if not corpus and data.calibration is not None:
                 from bench.science.calibration import MarkovSource, write_corpus
 
-                corpus = [str(write_corpus(MarkovSource.from_record(self.p.calibration), self.out / "calibration"))]
+                corpus = [str(write_corpus(MarkovSource.from_record(data.calibration), self.out / "calibration"))]
             elif not corpus:
-                corpus = [str(default_corpus(ROOT / ".cache" / "corpus")) if self.p.corpus == "default"
-                          else str((ROOT / self.p.corpus).resolve())]
+                corpus = [str(default_corpus(ROOT / ".cache" / "corpus")) if data.corpus == "default"
+                          else str((ROOT / data.corpus).resolve())]
             for c in corpus:
                 if not Path(c).exists():
                     raise StudyError(f"corpus {c} does not exist")
-            spec = DatasetSpec(corpus=tuple(corpus), vocab_size=self.p.vocab_size, val_max_tokens=self.p.val_tokens,
-                               max_chars=self.p.max_chars, chunk_tokens=self.p.chunk_tokens)
+            spec = DatasetSpec(corpus=tuple(corpus), vocab_size=data.vocab_size, val_max_tokens=data.val_tokens,
+                               max_chars=data.max_chars, chunk_tokens=data.chunk_tokens)
             manifest = prepare_dataset(spec, self.data_dir)
-        needed = max((self.p.tokens, *self.p.budgets))
+        needed = max((self.p.runs.tokens, *self.p.data_law.budgets))
         load_tokens(self.data_dir, "train", needed, verify=False)  # a corpus too small fails here, named
         val = manifest["splits"]["val"]
         self.results["dataset"] = {"corpus": corpus, "vocab_size": manifest["vocab_size"],
                                    "train_tokens": manifest["splits"]["train"]["tokens"],
                                    "val_tokens": val["tokens"], "val_documents": val["documents"],
                                    "chunk_tokens": manifest["inputs"]["spec"].get("chunk_tokens")}
-        if self.p.calibration is not None:
+        if self.p.data.calibration is not None:
             self.results["calibration"] = self.calibration_floor(manifest)
 
     def calibration_floor(self, manifest: dict) -> dict:
@@ -164,29 +166,30 @@ class TrainingPhases:
         from bench.science.calibration import MarkovSource, draw_chain, symbol_tokens, validation_floor
         from train.data import load_tokenizer, load_tokens
 
-        source = MarkovSource.from_record(self.p.calibration)
+        source = MarkovSource.from_record(self.p.data.calibration)
         start, token_symbol = symbol_tokens(load_tokenizer(self.data_dir / "tokenizer"), source.symbols)
-        floor = validation_floor(draw_chain(source), source.p_end, load_tokens(self.data_dir, "val"), self.p.context,
-                                 manifest["bos_token_id"], manifest["eos_token_id"], start, token_symbol)
+        floor = validation_floor(draw_chain(source), source.p_end, load_tokens(self.data_dir, "val"),
+                                 self.p.runs.context, manifest["bos_token_id"], manifest["eos_token_id"], start,
+                                 token_symbol)
         log.info("calibration floor %.4f nats/token on %d validation targets (entropy rate %.4f)", floor["floor"],
                  floor["targets"], floor["entropy_rate"])
         return floor
 
     def phase_gate(self) -> None:
         """A few runs at the main budget (in the search's ledgers, so its start points are not trained twice)."""
-        p = self.p
-        if not p.gate_epochs:
+        gate, tokens = self.p.gate, self.p.runs.tokens
+        if not gate.gate_epochs:
             return
-        e, lr, wd = p.start
-        small, large = p.presets[0], p.presets[-1]
-        regularized = {preset: self.train([self.at(preset, p.tokens, e, lr, wd)], self.ledger_dir(preset, p.tokens),
+        e, lr, wd = self.p.recipes.start
+        small, large = self.p.runs.presets[0], self.p.runs.presets[-1]
+        regularized = {preset: self.train([self.at(preset, tokens, e, lr, wd)], self.ledger_dir(preset, tokens),
                                           f"gate {preset}")[0]["val_loss"] for preset in (small, large)}
-        standard = self.train([self.at(large, p.tokens, n, lr, 0.1) for n in p.gate_epochs],
-                              self.ledger_dir(large, p.tokens), f"gate {large} standard")
+        standard = self.train([self.at(large, tokens, n, lr, 0.1) for n in gate.gate_epochs],
+                              self.ledger_dir(large, tokens), f"gate {large} standard")
         verdict = gate_verdict(regularized[small], regularized[large],
-                               {n: r["val_loss"] for n, r in zip(p.gate_epochs, standard)}, p.gate_min_gap,
-                               p.gate_overfit)
-        self.results["gate"] = {**verdict, "small": small, "large": large, "recipe": [e, lr, wd], "tokens": p.tokens}
+                               {n: r["val_loss"] for n, r in zip(gate.gate_epochs, standard)}, gate.gate_min_gap,
+                               gate.gate_overfit)
+        self.results["gate"] = {**verdict, "small": small, "large": large, "recipe": [e, lr, wd], "tokens": tokens}
         for check in verdict["checks"]:
             log.info("gate: %s: %s (%s)", check["name"], "passed" if check["passed"] else "FAILED", check["detail"])
         if not verdict["passed"] and not self.cfg.past_gate:
@@ -201,30 +204,30 @@ class TrainingPhases:
         from train.model import get_shape
 
         search = self.results.setdefault("search", {})
-        for preset in self.p.presets:
-            log.info("search at N = %s (D = %d): regularized, then standard", preset, self.p.tokens)
+        for preset in self.p.runs.presets:
+            log.info("search at N = %s (D = %d): regularized, then standard", preset, self.p.runs.tokens)
             search[preset] = {"params": get_shape(preset).non_embedding_params(),
-                              "regularized": self.optimum(preset, self.p.tokens, standard=False),
-                              "standard": self.optimum(preset, self.p.tokens, standard=True)}
+                              "regularized": self.optimum(preset, self.p.runs.tokens, standard=False),
+                              "standard": self.optimum(preset, self.p.runs.tokens, standard=True)}
             self.save()
 
     def phase_members(self) -> None:
         """Seeds at both optima and the ensemble's members, one training call per N (so they stack)."""
-        members = self.results.setdefault("members", {})
-        for preset in self.p.presets:
+        members, setting = self.results.setdefault("members", {}), self.p.members
+        for preset in self.p.runs.presets:
             s = self.results["search"][preset]
             ens = self.ensemble_setting(preset)
-            n_reg = self.p.seeds if self.p.joint_members else max(self.p.seeds, self.p.k_max)
-            plan = ([("standard", s["standard"], seed) for seed in range(self.p.seeds)]
+            n_reg = setting.seeds if setting.joint_members else max(setting.seeds, setting.k_max)
+            plan = ([("standard", s["standard"], seed) for seed in range(setting.seeds)]
                     + [("regularized", s["regularized"], seed) for seed in range(n_reg)]
-                    + ([("ensemble", ens, seed) for seed in range(self.p.k_max)] if self.p.joint_members else []))
-            configs = [self.at(preset, self.p.tokens, o["epochs"], o["lr"], o["wd"], seed) for _, o, seed in plan]
-            records = self.train(configs, self.ledger_dir(preset, self.p.tokens), f"{preset} members")
+                    + ([("ensemble", ens, seed) for seed in range(setting.k_max)] if setting.joint_members else []))
+            configs = [self.at(preset, self.p.runs.tokens, o["epochs"], o["lr"], o["wd"], seed) for _, o, seed in plan]
+            records = self.train(configs, self.ledger_dir(preset, self.p.runs.tokens), f"{preset} members")
             rows = {"standard": [], "regularized": [], "ensemble": []}
             for (recipe, _, seed), r in zip(plan, records):
                 rows[recipe].append({"seed": seed, "val_loss": r["val_loss"], "model_dir": str(RunDir(r["run_dir"]).model_dir)})
-            if not self.p.joint_members:
-                rows["ensemble"] = rows["regularized"][: self.p.k_max]
+            if not setting.joint_members:
+                rows["ensemble"] = rows["regularized"][: setting.k_max]
             members[preset] = {**rows, "ensemble_setting": ens}
             log.info("%s: standard %s; regularized %s", preset, _losses(rows["standard"]), _losses(rows["regularized"]))
             self.save()
@@ -239,7 +242,7 @@ class TrainingPhases:
         from tqdm import tqdm
 
         ensembles = self.results.setdefault("ensembles", {})
-        for preset in self.p.presets:
+        for preset in self.p.runs.presets:
             dirs = [m["model_dir"] for m in self.results["members"][preset]["ensemble"]]
             subsets = [s for k in range(1, len(dirs) + 1) for s in itertools.combinations(range(len(dirs)), k)]
             rows = [{"k": len(s), "seeds": list(s), "loss": self.ensemble_loss([dirs[i] for i in s])}
@@ -251,17 +254,18 @@ class TrainingPhases:
 
     def phase_budgets(self) -> None:
         budgets = self.results.setdefault("budgets", {})
-        for preset in self.p.budget_presets:
+        for preset in self.p.data_law.budget_presets:
             per_d = budgets.setdefault(preset, {})
             main = self.results["members"][preset]
-            per_d[str(self.p.tokens)] = {r: {**{k: self.results["search"][preset][r][k] for k in ("epochs", "lr", "wd")},
-                                             "seeds": [m["val_loss"] for m in main[r][: self.p.seeds]]}
-                                         for r in ("standard", "regularized")}
-            for tokens in self.p.budgets:
+            per_d[str(self.p.runs.tokens)] = {
+                r: {**{k: self.results["search"][preset][r][k] for k in ("epochs", "lr", "wd")},
+                    "seeds": [m["val_loss"] for m in main[r][: self.p.members.seeds]]}
+                for r in ("standard", "regularized")}
+            for tokens in self.p.data_law.budgets:
                 row = {}
                 for recipe in ("standard", "regularized"):
                     o = self.optimum(preset, tokens, standard=recipe == "standard")
-                    seeds = self.seeds_at(preset, tokens, o, self.p.budget_seeds or self.p.seeds)
+                    seeds = self.seeds_at(preset, tokens, o, self.p.data_law.budget_seeds or self.p.members.seeds)
                     row[recipe] = {**{k: o[k] for k in ("epochs", "lr", "wd", "certified", "reason")},
                                    "seeds": [m["val_loss"] for m in seeds]}
                 per_d[str(tokens)] = row

@@ -30,9 +30,9 @@ def test_heldout_next_word_is_a_valid_four_way_task(tiny_dataset):
 @pytest.mark.fast
 def test_main_profile_is_the_smallest_and_serves():
     main = load_profile("main")
-    assert main.context >= 256  # lm-evaluation-harness's multiple-choice items fit
-    assert main.serve_check and main.seeds >= 3 and main.k_max >= 3 and main.student_seeds >= 2
-    assert len(main.presets) == 1 and not main.search
+    assert main.runs.context >= 256  # lm-evaluation-harness's multiple-choice items fit
+    assert main.serve.serve_check and main.members.seeds >= 3 and main.members.k_max >= 3
+    assert main.distill.student_seeds >= 2 and len(main.runs.presets) == 1 and not main.recipes.search
 
 
 def main_results(std, reg, students, ensemble_gain=0.08) -> dict:
@@ -99,14 +99,19 @@ def test_story_puts_the_soft_label_student_beside_the_best_single_model_and_its_
 
 
 @pytest.mark.fast
-@pytest.mark.parametrize("bad, message", [
-    ({"seeds": 1}, "field 'seeds'"), ({"presets": ["cpu-nope"]}, "field 'presets'"),
-    ({"distill_preset": "cpu-s"}, "field 'distill_preset'"), ({"colour": 1}, "unknown field(s) colour"),
+@pytest.mark.parametrize("section, bad, message", [
+    ("members", {"seeds": 1}, "field 'members.seeds'"), ("runs", {"presets": ["cpu-nope"]}, "field 'runs.presets'"),
+    ("distill", {"distill_preset": "cpu-s"}, "field 'distill.distill_preset'"),
+    ("distill", {"colour": 1}, "unknown field(s) distill.colour"), (None, {"colour": 1}, "unknown field(s) colour"),
 ])
-def test_a_bad_profile_is_named_with_its_field(tmp_path, bad, message):
+def test_a_bad_profile_is_named_with_its_field(tmp_path, section, bad, message):
     from bench.study.profile import PROFILE_DIR, StudyError
 
-    record = {**json.loads((PROFILE_DIR / "main.json").read_text()), **bad}
+    record = json.loads((PROFILE_DIR / "main.json").read_text())
+    if section:
+        record[section].update(bad)
+    else:
+        record.update(bad)
     path = tmp_path / "bad.json"
     path.write_text(json.dumps(record))
     with pytest.raises(StudyError, match="bad.json") as e:
@@ -144,17 +149,18 @@ def test_flags_set_profile_fields_and_start_sets_a_fixed_recipe(tmp_path, monkey
                           "cpu-xxs", "--serve-check", "false", "--eval-limit", "null", "--out", "o"],
                          tmp_path, monkeypatch)
     p = cfg.profile
-    assert (p.start, p.epochs, p.lrs, p.wds) == ((8, 0.001, 1.6), (8,), (0.001,), (1.6,))
-    assert (p.k_max, p.presets, p.distill_preset, p.serve_check, p.eval_limit) == (2, ("cpu-xxs",), "cpu-xxs",
-                                                                                  False, None)
-    assert p.tokens == load_profile("main").tokens  # the rest is the profile's
+    assert (p.recipes.start, p.recipes.epochs, p.recipes.lrs, p.recipes.wds) == ((8, 0.001, 1.6), (8,), (0.001,),
+                                                                                  (1.6,))
+    assert (p.members.k_max, p.runs.presets, p.distill.distill_preset, p.serve.serve_check,
+            p.downstream.eval_limit) == (2, ("cpu-xxs",), "cpu-xxs", False, None)
+    assert p.runs.tokens == load_profile("main").runs.tokens  # the rest is the profile's
 
 
 @pytest.mark.fast
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "8"], "does not search: --epochs"),  # a grid of a profile that trains at `start`
-    (["--presets", "cpu-s"], "field 'distill_preset'"),  # validated like a profile file
-    (["--seeds", "1"], "field 'seeds'"),
+    (["--presets", "cpu-s"], "field 'distill.distill_preset'"),  # validated like a profile file
+    (["--seeds", "1"], "field 'members.seeds'"),
     (["--profile", "nope"], "no study profile 'nope'"),
 ])
 def test_bad_flags_are_refused_naming_the_field(argv, message, tmp_path, monkeypatch, capsys):
@@ -171,5 +177,5 @@ def test_help_shows_the_selected_profiles_values(capsys):
         with pytest.raises(SystemExit):
             bench.pipeline.main(["--profile", name, "--help"])
         text = " ".join(capsys.readouterr().out.split())
-        assert f"the main budget D (default {load_profile(name).tokens})" in text
+        assert f"the main budget D (default {load_profile(name).runs.tokens})" in text
         assert "--k-max" in text and "--soft-blend" in text and "--name" not in text

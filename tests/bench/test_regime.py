@@ -73,31 +73,36 @@ def test_the_new_profiles_carry_the_design_of_issue_24():
     from train.model import get_shape
 
     p = load_profile("wiki-100k")
-    params = [get_shape(q).non_embedding_params() for q in p.presets]
-    assert (p.vocab_size, p.context, p.tokens, len(p.presets)) == (1024, 128, 100_000, 4)
+    params = [get_shape(q).non_embedding_params() for q in p.runs.presets]
+    assert (p.data.vocab_size, p.runs.context, p.runs.tokens, len(p.runs.presets)) == (1024, 128, 100_000, 4)
     assert 0.06e6 < min(params) < 0.07e6 and 0.58e6 < max(params) < 0.6e6
-    budgets = sorted({*p.budgets, p.tokens})
-    assert len(budgets) >= 5 and budgets[0] == 12_500 and budgets[-1] == 200_000 and len(p.budget_presets) >= 2
-    assert p.seeds == p.k_max == 5 and p.search and p.limits is not None  # one set of limits for both recipes
-    assert p.chunk_tokens and p.gate_epochs and p.soft_students >= 2 and p.soft_control
-    assert p.val_tokens // p.chunk_tokens >= 100  # validation from >= 100 documents
+    budgets = sorted({*p.data_law.budgets, p.runs.tokens})
+    assert len(budgets) >= 5 and budgets[0] == 12_500 and budgets[-1] == 200_000
+    assert len(p.data_law.budget_presets) >= 2
+    assert p.members.seeds == p.members.k_max == 5 and p.recipes.search
+    assert p.recipes.limits is not None  # one set of limits for both recipes
+    assert p.data.chunk_tokens and p.gate.gate_epochs and p.distill.soft_students >= 2 and p.distill.soft_control
+    assert p.data.val_tokens // p.data.chunk_tokens >= 100  # validation from >= 100 documents
     assert "h" in p.description and "Estimate" in p.description
     c = load_profile("calibration")
-    assert c.calibration and not c.chunk_tokens and len(c.presets) >= 4 and len(c.budgets) + 1 >= 5
+    assert c.data.calibration and not c.data.chunk_tokens and len(c.runs.presets) >= 4
+    assert len(c.data_law.budgets) + 1 >= 5
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"gate_epochs": (16, 4, 64)}, "gate_epochs"),
-    ({"gate_epochs": (4, 16)}, "gate_epochs"),
-    ({"chunk_tokens": 1}, "chunk_tokens"),
-    ({"budget_seeds": 1}, "budget_seeds"),
-    ({"calibration": {"symbols": 64, "colour": 1}, "chunk_tokens": None}, "calibration"),
-    ({"calibration": {"symbols": 64}, "chunk_tokens": 256}, "chunk_tokens"),
+@pytest.mark.parametrize("section, change, field", [
+    ("gate", {"gate_epochs": (16, 4, 64)}, "gate.gate_epochs"),
+    ("gate", {"gate_epochs": (4, 16)}, "gate.gate_epochs"),
+    ("data", {"chunk_tokens": 1}, "data.chunk_tokens"),
+    ("data_law", {"budget_seeds": 1}, "data_law.budget_seeds"),
+    ("data", {"calibration": {"symbols": 64, "colour": 1}, "chunk_tokens": None}, "data.calibration"),
+    ("data", {"calibration": {"symbols": 64}, "chunk_tokens": 256}, "data.chunk_tokens"),
 ])
 @pytest.mark.fast
-def test_bad_regime_fields_are_refused_by_name(change, field):
+def test_bad_regime_fields_are_refused_by_name(section, change, field):
+    record = load_profile("wiki-100k").model_dump()
+    record[section].update(change)
     with pytest.raises(StudyError, match=f"field '{field}'"):
-        validate_profile({**load_profile("wiki-100k").model_dump(), **change}, "p.json")
+        validate_profile(record, "p.json")
 
 
 @pytest.mark.fast
@@ -126,10 +131,14 @@ def test_the_report_says_plainly_when_the_regime_cannot_show_the_effects(tmp_pat
 
 def test_a_study_begun_before_a_field_existed_resumes_and_a_changed_one_is_refused(tmp_path):
     profile = load_profile("micro")
-    stored = profile.recorded()
-    for new in ("gate_epochs", "gate_min_gap", "gate_overfit", "calibration", "chunk_tokens", "budget_seeds"):
+    recorded = profile.recorded()
+    stored = {"name": recorded["name"], "description": "reworded since"}  # flat, as results.json recorded it
+    for section in ("data", "runs", "recipes", "members", "data_law", "serve", "distill", "downstream"):
+        stored.update(recorded[section])
+    for new in ("calibration", "chunk_tokens", "budget_seeds"):  # and the gate section, absent too
         del stored[new]
     (tmp_path / "results.json").write_text(json.dumps({"profile": stored}))
     Study(StudyConfig(profile=profile, out=str(tmp_path)))
-    with pytest.raises(StudyError, match="differs in: chunk_tokens"):
-        Study(StudyConfig(profile=profile.model_copy(update={"chunk_tokens": 64}), out=str(tmp_path)))
+    chunked = profile.model_copy(update={"data": profile.data.model_copy(update={"chunk_tokens": 64})})
+    with pytest.raises(StudyError, match=r"differs in: data\.chunk_tokens\)"):
+        Study(StudyConfig(profile=chunked, out=str(tmp_path)))

@@ -71,26 +71,27 @@ def test_micro_study_runs_every_phase_and_reports(micro_study):
     assert not re.search(r"\[(-?[0-9.]+), \1\]", report)  # no zero-width interval anywhere
     results = json.loads((out / "results.json").read_text())
     profile = load_profile("micro")
-    for preset in profile.presets:
+    assert results["profile"] == profile.recorded()  # recorded nested, by section
+    for preset in profile.runs.presets:
         m = results["members"][preset]
-        assert len(m["standard"]) == len(m["regularized"]) == profile.seeds  # seeds at both optima
+        assert len(m["standard"]) == len(m["regularized"]) == profile.members.seeds  # seeds at both optima
         assert {r["epochs"] for r in [m["ensemble_setting"]]} == {2 * results["search"][preset]["regularized"]["epochs"]}
-        assert len(results["ensembles"][preset]) == 2 ** profile.k_max - 1
-    d = results["distill"]
-    assert len(d["ensemble"]) == profile.student_seeds and len(d["self"]) == profile.self_teachers
-    assert len({r["teacher"] for r in d["self"]}) == profile.self_teachers  # a different teacher each
+        assert len(results["ensembles"][preset]) == 2 ** profile.members.k_max - 1
+    d, students = results["distill"], profile.distill
+    assert len(d["ensemble"]) == students.student_seeds and len(d["self"]) == students.self_teachers
+    assert len({r["teacher"] for r in d["self"]}) == students.self_teachers  # a different teacher each
     assert all(r["synthetic_passes"] <= 1 for r in d["ensemble"] + d["self"])  # no synthetic window used twice
     assert {r["steps"] for r in d["control"]} == {d["ensemble"][0]["steps"]}  # control: same optimizer steps
-    assert len(d["soft"]) == profile.soft_students and {r["steps"] for r in d["control-soft"]} == {d["soft"][0]["steps"]}
+    assert len(d["soft"]) == students.soft_students and {r["steps"] for r in d["control-soft"]} == {d["soft"][0]["steps"]}
     assert all(r["synthetic_passes"] <= 1 for r in d["soft"])  # the shared job was sized for the soft students too
     synthetic = json.loads((out / "distill" / "synthetic-ensemble" / "manifest.json").read_text())["job"]
-    assert synthetic["soft_targets"]["k"] == profile.topk
+    assert synthetic["soft_targets"]["k"] == students.topk
     assert "| soft-label student" in report and "| control: soft recipe's schedule" in report
     # every model scored on the profile's eval tasks (a missing task file would only log and skip them)
     assert "downstream_skipped" not in results and "## Downstream (zero-shot" in report
     for model, scores in results["downstream"]["models"].items():
-        for task in profile.eval_tasks:
-            assert scores[task]["items"] == profile.eval_limit, (model, task, scores.get(task))
+        for task in profile.downstream.eval_tasks:
+            assert scores[task]["items"] == profile.downstream.eval_limit, (model, task, scores.get(task))
 
 
 @pytest.mark.slow
@@ -123,9 +124,42 @@ def test_every_shipped_profile_loads():
         load_profile(name)  # every file shipped is validated
     for study in ("wiki", "wiki-25k"):  # the committed-study design: more points than parameters everywhere
         p = load_profile(study)
-        assert len(p.presets) >= 5 and p.k_max >= 5 and len(p.budgets) + 1 >= 5 and p.search, study
-        assert p.seeds >= 3 and p.student_seeds >= 3 and p.self_teachers >= 3 and p.distill_control, study
-        assert p.joint_members and set(p.budget_presets) <= set(p.presets), study
+        assert len(p.runs.presets) >= 5 and p.members.k_max >= 5 and len(p.data_law.budgets) + 1 >= 5, study
+        assert p.recipes.search and p.members.seeds >= 3 and p.distill.student_seeds >= 3, study
+        assert p.distill.self_teachers >= 3 and p.distill.distill_control and p.members.joint_members, study
+        assert set(p.data_law.budget_presets) <= set(p.runs.presets), study
+
+
+def flat(record: dict) -> dict:
+    """A nested profile record as results.json recorded profiles before the sections: every field at the top."""
+    from bench.study.profile import SECTIONS
+
+    return {k: v for key, value in record.items()
+            for k, v in (value.items() if key in SECTIONS else [(key, value)])}
+
+
+@pytest.mark.fast
+def test_a_flat_recorded_profile_and_its_nested_file_load_to_the_same_model():
+    from bench.study.profile import PROFILE_DIR, StudyError, validate_profile
+
+    for name in profile_names():
+        nested = json.loads((PROFILE_DIR / f"{name}.json").read_text())
+        assert "runs" in nested and "presets" not in nested, name  # the shipped files are nested
+        legacy = flat(nested)
+        assert "presets" in legacy and "runs" not in legacy, name
+        assert validate_profile(legacy, "flat") == load_profile(name), name
+    # the legacy records of the committed studies (flat, and without the fields added since) read too
+    for results in ("studies/wiki-25k/results.json", "studies/calibration/results.json"):
+        path = Path(__file__).resolve().parents[2] / results
+        if path.exists():
+            record = json.loads(path.read_text())["profile"]
+            assert flat(validate_profile(record, results).recorded()).items() >= record.items(), results
+    # controls: a flat field unknown to every section is refused by name; so is a flat field beside sections
+    legacy = flat(load_profile("main").recorded())
+    with pytest.raises(StudyError, match=r"unknown field\(s\) colour$"):
+        validate_profile({**legacy, "colour": 1}, "flat")
+    with pytest.raises(StudyError, match="field 'k_max' is a flat field beside the section"):
+        validate_profile({**load_profile("main").recorded(), "k_max": 2}, "mixed")
 
 
 # ---- the synthetic budget rule -----------------------------------------------------------------------
@@ -160,8 +194,9 @@ def known_results(rng, sd=0.01, reg_c=5.0, joint_c=4.6, k_max=5, seeds=3) -> dic
     the K-limit at each N 0.4/N^0.5 + joint_c; the standard recipe's data law 1/D^0.3 + 5.5 (D in millions)."""
     from train.model import get_shape
 
-    profile = {**load_profile("wiki").recorded(), "name": "known",
-               "presets": list(PRESETS), "tokens": 200_000, "k_max": k_max, "seeds": seeds}
+    profile = {**load_profile("wiki").recorded(), "name": "known"}
+    profile["runs"] = {**profile["runs"], "presets": list(PRESETS), "tokens": 200_000}
+    profile["members"] = {**profile["members"], "k_max": k_max, "seeds": seeds}
     search, members, ensembles = {}, {}, {}
     for p in PRESETS:
         params = get_shape(p).non_embedding_params()
