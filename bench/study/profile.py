@@ -10,9 +10,9 @@ sections) still reads, and each field keeps one flag in bench.pipeline.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from plumbing.artifacts import read_json
 from plumbing.console import ChorusError
@@ -47,6 +47,7 @@ def _check_presets(presets: tuple[str, ...]) -> tuple[str, ...]:
     return presets
 
 
+Presets = Annotated[tuple[str, ...], AfterValidator(_check_presets)]  # a ladder of train.model presets, checked
 FROZEN = ConfigDict(extra="forbid", frozen=True)
 
 
@@ -94,16 +95,11 @@ class Runs(BaseModel):
 
     model_config = FROZEN
 
-    presets: tuple[str, ...] = Field(min_length=1, description="the model-size ladder N (train.model presets)")
+    presets: Presets = Field(min_length=1, description="the model-size ladder N (train.model presets)")
     tokens: int = Field(description="the main budget D")
     context: int = Field(description="every run's window length")
     batch_size: int = Field(description="every run's batch")
     checkpoint_every: int = Field(50, description="steps between checkpoints")
-
-    @field_validator("presets")
-    @classmethod
-    def _known_presets(cls, presets: tuple[str, ...]) -> tuple[str, ...]:
-        return _check_presets(presets)
 
 
 class Gate(BaseModel):
@@ -168,14 +164,9 @@ class DataLaw(BaseModel):
 
     budgets: tuple[int, ...] = Field(description="other budgets D (the main one is added) at which both recipes "
                                                  "are searched again")
-    budget_presets: tuple[str, ...] = Field(description="the sizes (among presets) searched at each budget")
+    budget_presets: Presets = Field(description="the sizes (among presets) searched at each budget")
     budget_seeds: int | None = Field(None, ge=2, description="seeds at each budget's optima (absent: `seeds`); a "
                                                              "budget's optimum needs its seed noise too")
-
-    @field_validator("budget_presets")
-    @classmethod
-    def _known_presets(cls, presets: tuple[str, ...]) -> tuple[str, ...]:
-        return _check_presets(presets)
 
 
 class Serve(BaseModel):
