@@ -132,8 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The paper's recipe search at one model size and budget. Every finished run is kept "
                                    "in OUT/ledger.jsonl, so a killed search resumes and no run is repeated.")
     add_train_args(p)
-    # the search's --seed (every trial's) has always been listed without help: kept so, as issue 22 changes no --help
-    add_flags(p, TrainConfig, ["seed"], help={"seed": None})
+    add_flags(p, TrainConfig, ["seed"])
     p.add_argument("--out", required=True, help="search directory (ledger, runs, result.json)")
     p.add_argument("--standard", action="store_true", help="standard recipe: weight decay fixed at 0.1")
     p.add_argument("--lrs", type=float, nargs="+", help="learning-rate grid (default: the paper's)")

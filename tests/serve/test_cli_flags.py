@@ -95,7 +95,6 @@ COMMAND_CONFIGS = {
 # The flags whose help a command words for itself: one setting that means something else there.
 WORDED_BY_THE_COMMAND = {
     (("train", "members"), "seed"),  # the first of K seeds
-    (("train", "search"), "seed"),  # listed without help, as it always was
     (("distill",), "seed"),  # also the mixture's seed
     (("serve", "up"), "api_key"),  # --api-key is one of three sources of the key (serve.cli.api_key_from)
 }
