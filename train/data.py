@@ -80,7 +80,8 @@ def _inputs_key(spec: DatasetSpec) -> dict:
 def _same_but_for_mtimes(recorded: dict, key: dict) -> bool:
     """A manifest written before datasets were keyed by content recorded (path, size, mtime_ns) per file."""
     files = recorded.get("files", [])
-    return (recorded.get("spec") == key["spec"] and len(files) == len(key["files"])
+    rest = lambda inputs: {k: v for k, v in inputs.items() if k != "files"}  # spec, and a base tokenizer's hash
+    return (rest(recorded) == rest(key) and len(files) == len(key["files"])
             and all(isinstance(old[2], int) and old[:2] == new[:2] for old, new in zip(files, key["files"])))
 
 
