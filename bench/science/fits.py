@@ -202,20 +202,38 @@ def _check_points(x, y) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def _sanity_flags(A: float, B: float, C: float, x: np.ndarray, y: np.ndarray) -> list[str]:
+def _sanity_flags(A: float, B: float, C: float, x: np.ndarray, y: np.ndarray, noise: float = 0.0) -> list[str]:
+    """What makes a fitted law's C unreadable. `noise`: the standard error of the lowest mean (0: none known); a C
+    above that mean by less than 1.96 of them is what a true law just below it gives on noisy data, not a flag."""
     flags = []
     scale = max(1e-12, float(np.abs(y).max()))
     if A / x.min() ** B <= 1e-6 * scale:  # the power-law term contributes nothing anywhere in the data
         flags.append("A = 0: the loss does not decrease with x, so C is only the mean loss")
     if C <= 1e-9 * scale:
         flags.append(f"C = {C:.3g} sits at its lower bound 0: the asymptote is not resolved")
-    if C > y.min() + 1e-9 * scale:
-        flags.append(f"C = {C:.4g} is above the lowest observed loss {y.min():.4g}")
+    if C > y.min() + max(1e-9 * scale, 1.96 * noise):
+        beyond = f" by more than 1.96 standard errors of that mean ({noise:.2g})" if noise > 0 else ""
+        flags.append(f"C = {C:.4g} is above the lowest observed loss {y.min():.4g}{beyond}")
     if B < SANE_B[0]:
         flags.append(f"B = {B:.3g} is tiny: the curve is almost flat and C trades off against A")
     if B > SANE_B[1]:
         flags.append(f"B = {B:.3g} is huge: the curve drops to C at once, C is just the tail level")
     return flags
+
+
+def _lowest_mean_noise(groups: Sequence[np.ndarray], means: np.ndarray, boot_y: np.ndarray | None) -> float:
+    """The standard error of the lowest mean: the spread of its bootstrap draws where the caller gives them, else
+    the seed SD pooled over the groups (as resample_seeds pools it) over sqrt(its seeds); 0 without replicates."""
+    low = int(np.argmin(means))
+    if boot_y is not None:
+        column = np.asarray(boot_y, dtype=float)[:, low]
+        column = column[np.isfinite(column)]
+        return float(column.std(ddof=1)) if len(column) > 1 else 0.0
+    df = sum(len(g) - 1 for g in groups)
+    if df < 1:
+        return 0.0
+    pooled = math.sqrt(sum(float(np.sum((g - g.mean()) ** 2)) for g in groups) / df)
+    return pooled / math.sqrt(len(groups[low]))
 
 
 def _group(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -284,7 +302,7 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], n_boot: int = 200, see
     if np.ptp(means) == 0:
         flags.append("y is constant: there is no trend to fit")
     A, B, C, _ = (float(v[0]) for v in fit_power_law_batch(xs, means[None, :]))
-    flags += _sanity_flags(A, B, C, xs, means)
+    flags += _sanity_flags(A, B, C, xs, means, _lowest_mean_noise(groups, means, boot_y))
 
     fitted = power_law(xs, A, B, C)
     if boot_y is not None:

@@ -12,6 +12,8 @@ import numpy as np
 from bench.study.profile import PHASES
 from bench.study.results import DISTILLED_RECIPES, RECIPES, StudyResults
 
+JOINT = "joint"  # the analysis' recipe for the joint phase's ensembles (members at 2x epochs, 0.5x wd)
+
 
 def size_unit(params: float) -> tuple[float, str]:
     """N and D are fitted in billions at GPU sizes and millions at CPU sizes: the fit's p0 assumes x ~ 1."""
@@ -20,7 +22,8 @@ def size_unit(params: float) -> tuple[float, str]:
 
 def evaluation_rows(results: dict | StudyResults) -> list[dict]:
     """What was measured, as bench.science.analysis's rows (recipe, x, seeds, loss). Recipes: 'standard' and
-    'regularized' (members at each N), 'ensemble' (every K-subset of the ensemble's members at each N),
+    'regularized' (members at each N), 'ensemble' (every K-subset of the ensemble's members at each N), 'joint'
+    (every K-subset of the joint-recipe members, at the joint phase's sizes),
     'data:standard' / 'data:regularized' (each budget D's best N, its seeds), 'student:ensemble',
     'student:self', 'control' (at the distillation size)."""
     r = StudyResults.of(results)
@@ -36,6 +39,9 @@ def evaluation_rows(results: dict | StudyResults) -> list[dict]:
         size = r.sizes[preset]
         rows += [{"recipe": "ensemble", "x": size.params / n_scale, "seeds": e.seeds, "loss": e.loss}
                  for e in size.ensembles]
+    for preset, j in r.joint.items():
+        rows += [{"recipe": JOINT, "x": r.params(preset) / n_scale, "seeds": e.seeds, "loss": e.loss}
+                 for e in j.ensembles]
     for d, best in best_per_budget(r).items():
         for recipe, (_, losses) in best.items():
             rows += [{"recipe": f"data:{recipe}", "x": d / d_scale, "seeds": [s], "loss": v}
@@ -88,6 +94,8 @@ class Analysis:
     gains: dict  # name -> Gain: each recipe's gain with its member-seed interval, at the largest N
     gains_per_n: dict  # preset -> {name: Gain} (regularization and ensemble gains at every N)
     local_efficiencies: dict = dataclasses.field(default_factory=dict)  # name -> DataEfficiency between budgets
+    per_k_joint: dict = dataclasses.field(default_factory=dict)  # preset -> PowerLawFit over K, joint-recipe members
+    joint_gains: dict = dataclasses.field(default_factory=dict)  # preset -> {name: Gain}: joint vs optimum members
 
 
 @dataclass(frozen=True)
@@ -215,6 +223,23 @@ def soft_gains(singles, x: float, mk: float, dk: np.ndarray, k_max: int, n_boot:
     return gains
 
 
+def joint_gains(table, k_max: int, x: float, n_boot: int, seed: int = 0) -> dict[str, Gain]:
+    """At one size, the joint-recipe members against the optimum's: their K=k_max ensembles (the optimum's minus the
+    joint's: > 0 when members trained for an ensemble make a better one) and their single members (the same
+    difference at K=1: < 0 when the joint members are worse alone, as the paper's are), each with the member-seed
+    bootstrap of bench.science.analysis (the two member sets are independent)."""
+    from bench.science.analysis import loss_with_draws
+    from bench.science.fits import Interval
+
+    gains = {}
+    for k, name in ((k_max, "ensemble"), (1, "member")):
+        mo, do = loss_with_draws(table, "ensemble", x, k, n_boot, seed)
+        mj, dj = loss_with_draws(table, JOINT, x, k, n_boot, seed)
+        gains[name] = Gain(mo - mj, Interval.from_draws(do - dj),
+                           f"optimum members' K={k} {'ensemble' if k > 1 else 'mean'} - the joint recipe's")
+    return gains
+
+
 def analyze(results: dict, n_boot: int = 200) -> Analysis:
     from bench.science.analysis import (
         EvaluationTable,
@@ -241,6 +266,9 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
         per_k = {preset: fit_over_k(table, "ensemble", r.params(preset) / n_scale, n_boot)
                  for preset in r.ensembles_done}
         joint = fit_joint(table, "ensemble", n_boot)
+    per_k_joint = {preset: fit_over_k(table, JOINT, r.params(preset) / n_scale, n_boot) for preset in r.joint}
+    pair = [q for q in r.joint if q in r.ensembles_done]
+    gains_joint = {q: joint_gains(table, r.k_max, r.params(q) / n_scale, n_boot) for q in pair}
     data_law, effs, local = None, {}, {}
     main_d = r.tokens / d_scale
     top = [q for q in r.presets if q in r.members_done]
@@ -251,6 +279,7 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
 
         size_laws = {recipe: flag_below_floor(f, r.floor) for recipe, f in size_laws.items()}
         per_k = {q: flag_below_floor(f, r.floor) for q, f in per_k.items()}
+        per_k_joint = {q: flag_below_floor(f, r.floor) for q, f in per_k_joint.items()}
         joint, data_law = flag_below_floor(joint, r.floor), flag_below_floor(data_law, r.floor)
     if data_law is not None:
         for d, best in best_per_budget(r).items():
@@ -279,7 +308,7 @@ def analyze(results: dict, n_boot: int = 200) -> Analysis:
     gains = story_gains(table, r.k_max, top_x, distill_x, n_boot) if top else {}
     per_n = {q: story_gains(table, r.k_max, r.params(q) / n_scale, None, n_boot) for q in top}
     return Analysis(table, n_unit, d_unit, size_laws, per_k, joint, data_law, effs, headline_efficiencies(effs), gains,
-                    per_n, local)
+                    per_n, local, per_k_joint, gains_joint)
 
 
 def write_report(results: dict, out: str | Path, n_boot: int = 200) -> Path:

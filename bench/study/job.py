@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bench.study.analysis import write_report
 from bench.study.distillation import DistillationPhases
-from bench.study.profile import PHASES, StudyError, StudyProfile, validate_profile
+from bench.study.profile import OWN_PHASE_SECTIONS, PHASES, StudyError, StudyProfile, validate_profile
 from bench.study.training import TrainingPhases
 from plumbing.artifacts import Ledger, OutputLock, atomic_write_json, read_json
 
@@ -46,8 +46,12 @@ class Study(TrainingPhases, DistillationPhases):
         if "profile" in self.results:  # a resumed study: its recorded profile (flat or nested) must be this one
             stored = validate_profile(self.results["profile"], f"{self.results_path} (its profile)")
             # a field added since the study started reads back at its default, so a profile that keeps the default
-            # is the same study; the description is prose: rewording it does not make another study
-            if diff := [f for f in self.p.differences(stored) if f != "description"]:
+            # is the same study; the description is prose: rewording it does not make another study; a phase's own
+            # section may change while that phase has not run (a finished study gains a joint phase, say)
+            done = self.results.get("phases_done", [])
+            open_sections = [s for s in OWN_PHASE_SECTIONS if s not in done]
+            if diff := [f for f in self.p.differences(stored)
+                        if f != "description" and f.split(".")[0] not in open_sections]:
                 raise StudyError(f"{self.out} holds a study of another profile (differs in: {', '.join(diff)}); "
                                  "use another --out or the same settings")
         self.results["profile"] = self.p.recorded()  # nested, by section

@@ -19,7 +19,10 @@ from plumbing.console import ChorusError
 
 ROOT = Path(__file__).resolve().parents[2]
 PROFILE_DIR = ROOT / "bench" / "profiles"
-PHASES = ("data", "gate", "search", "members", "ensembles", "budgets", "serve", "distill", "downstream")
+PHASES = ("data", "gate", "search", "members", "ensembles", "joint", "budgets", "serve", "distill", "downstream")
+# A section named for a phase that only that phase reads: a resumed study may change it while the phase has not run
+# (a study is extended by a joint phase, say, without re-running what it measured)
+OWN_PHASE_SECTIONS = ("gate", "joint", "serve", "distill", "downstream")
 
 
 class StudyError(ChorusError):
@@ -157,6 +160,18 @@ class Members(BaseModel):
                                             "optimum) or at the optimum itself")
 
 
+class Joint(BaseModel):
+    """The joint phase: members at the joint recipe (2x epochs, 0.5x wd of the regularized optimum, same lr) at a
+    few sizes, their ensembles beside those of the optimum's members (the paper at 300M: K -> inf 3.27 with such
+    members vs 3.34)."""
+
+    model_config = FROZEN
+
+    joint_presets: Presets = Field((), description="sizes (among presets) where k_max more members train at the "
+                                                   "joint recipe and their K-subset ensembles are evaluated; empty: "
+                                                   "no joint phase")
+
+
 class DataLaw(BaseModel):
     """The budgets phase: both recipes searched again at other budgets D."""
 
@@ -243,6 +258,7 @@ class StudyProfile(BaseModel):
     gate: Gate = Field(default_factory=Gate)
     recipes: Recipes
     members: Members
+    joint: Joint = Field(default_factory=Joint)
     data_law: DataLaw
     serve: Serve
     distill: Distill
@@ -282,6 +298,11 @@ class StudyProfile(BaseModel):
         if any(d <= 0 or d == self.runs.tokens for d in self.data_law.budgets):
             raise ProfileFieldError("data_law.budgets", f"must be positive and other than the main budget tokens = "
                                                         f"{self.runs.tokens} (it is added)")
+        if not set(self.joint.joint_presets) <= set(presets):
+            raise ProfileFieldError("joint.joint_presets", f"must be among presets {list(presets)}")
+        if self.joint.joint_presets and self.members.joint_members:
+            raise ProfileFieldError("joint.joint_presets", "cannot go with members.joint_members: the ensembles' "
+                                                           "members are at the joint recipe already")
         if self.gate.gate_epochs and len(presets) < 2:
             raise ProfileFieldError("gate.gate_epochs", "needs >= 2 presets: the gate compares the smallest and the "
                                                         "largest")

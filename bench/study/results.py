@@ -1,8 +1,8 @@
 """A typed view of what a study measured, read from results.json (whose format on disk it does not change).
 
 The analysis reads attributes of this view, not nested strings of the JSON: per model size its parameters, the
-members' seed losses of both recipes and the ensemble subsets; per data-law budget each recipe's seed losses;
-the distilled students and controls. Only what the analysis reads is kept; the report still renders the JSON.
+members' seed losses of both recipes and the ensemble subsets; the joint-recipe members and their ensembles; per
+data-law budget each recipe's seed losses; the distilled students and controls. Only what the analysis reads is kept; the report still renders the JSON.
 """
 from __future__ import annotations
 
@@ -46,6 +46,15 @@ class Size:
 
 
 @dataclass(frozen=True)
+class JointMembers:
+    """The joint phase at one size: the joint recipe's (epochs, lr, wd), its members and their K-subset ensembles."""
+
+    setting: dict
+    members: list[SeedLoss]
+    ensembles: list[Subset]
+
+
+@dataclass(frozen=True)
 class Distilled:
     """The distillation phase: the students' size and, per kind (DISTILLED_RECIPES), its seeds."""
 
@@ -66,6 +75,7 @@ class StudyResults:
     budgets: dict[str, dict[int, dict[str, list[float]]]]  # preset -> D -> recipe -> seeds' losses
     distilled: Distilled
     floor: float | None  # the calibration source's Bayes floor (a calibration profile only)
+    joint: dict[str, JointMembers] = field(default_factory=dict)  # preset -> the joint phase there
 
     @classmethod
     def of(cls, results: dict | StudyResults) -> StudyResults:
@@ -86,9 +96,12 @@ class StudyResults:
         d = results.get("distill", {})
         distilled = Distilled(d.get("preset"), {kind: [SeedLoss.of(row) for row in d[kind]]
                                                 for kind in DISTILLED_RECIPES if d.get(kind)})
+        joint = {preset: JointMembers(j["setting"], [SeedLoss.of(row) for row in j["members"]],
+                                      [Subset(row["seeds"], row["loss"]) for row in j["ensembles"]])
+                 for preset, j in results.get("joint", {}).items()}
         return cls(tokens=profile.runs.tokens, k_max=profile.members.k_max, presets=list(profile.runs.presets),
                    sizes=sizes, members_done=list(members), ensembles_done=list(ensembles), budgets=budgets,
-                   distilled=distilled, floor=results.get("calibration", {}).get("floor"))
+                   distilled=distilled, floor=results.get("calibration", {}).get("floor"), joint=joint)
 
     def params(self, preset: str) -> int:
         return self.sizes[preset].params

@@ -1,4 +1,4 @@
-"""The study's training phases (data, gate, search, members, ensembles, budgets) and the helpers they share:
+"""The study's training phases (data, gate, search, members, ensembles, joint, budgets) and the helpers they share:
 every run goes through train/'s ledgers, every evaluation through the study's evaluation cache."""
 from __future__ import annotations
 
@@ -238,18 +238,42 @@ class TrainingPhases:
         key = {"kind": "loss", "models": model_ids(model_dirs), "combine": "logits"}
         return self.evals.value(key, lambda: validation_loss(model_dirs, self.data_dir, "logits", progress=False))["loss"]
 
-    def phase_ensembles(self) -> None:
+    def subset_ensembles(self, dirs: list[str], desc: str) -> list[dict]:
+        """The loss of every K-subset ensemble (K = 1 .. len(dirs)) of these members: the curve over K and its
+        member-seed bootstrap (bench.science.analysis) need every subset."""
         from tqdm import tqdm
 
+        subsets = [s for k in range(1, len(dirs) + 1) for s in itertools.combinations(range(len(dirs)), k)]
+        rows = [{"k": len(s), "seeds": list(s), "loss": self.ensemble_loss([dirs[i] for i in s])}
+                for s in tqdm(subsets, desc=desc, unit="subset")]
+        log.info("%s: K=%d loss %.4f (K=1 mean %.4f)", desc, len(dirs), rows[-1]["loss"],
+                 np.mean([r["loss"] for r in rows if r["k"] == 1]))
+        return rows
+
+    def phase_ensembles(self) -> None:
         ensembles = self.results.setdefault("ensembles", {})
         for preset in self.p.runs.presets:
             dirs = [m["model_dir"] for m in self.results["members"][preset]["ensemble"]]
-            subsets = [s for k in range(1, len(dirs) + 1) for s in itertools.combinations(range(len(dirs)), k)]
-            rows = [{"k": len(s), "seeds": list(s), "loss": self.ensemble_loss([dirs[i] for i in s])}
-                    for s in tqdm(subsets, desc=f"{preset} ensembles", unit="subset")]
-            ensembles[preset] = rows
-            log.info("ensembles at %s: K=%d loss %.4f (K=1 mean %.4f)", preset, len(dirs), rows[-1]["loss"],
-                     np.mean([r["loss"] for r in rows if r["k"] == 1]))
+            ensembles[preset] = self.subset_ensembles(dirs, f"{preset} ensembles")
+            self.save()
+
+    def phase_joint(self) -> None:
+        """k_max members at the joint recipe (train.members.joint_recipe of the regularized optimum) at each of
+        joint.joint_presets, and every K-subset ensemble of them: beside the optimum members' ensembles at the same
+        N, whether members trained for an ensemble make a better one (the paper: K -> inf 3.27 vs 3.34 at 300M)."""
+        from train.members import joint_recipe
+
+        joint, tokens = self.results.setdefault("joint", {}), self.p.runs.tokens
+        for preset in self.p.joint.joint_presets:
+            o = self.results["search"][preset]["regularized"]
+            epochs, wd = joint_recipe(o["epochs"], o["wd"])
+            configs = [self.at(preset, tokens, epochs, o["lr"], wd, seed) for seed in range(self.p.members.k_max)]
+            records = self.train(configs, self.ledger_dir(preset, tokens), f"{preset} joint-recipe members")
+            members = [{"seed": c.seed, "val_loss": r["val_loss"], "model_dir": str(RunDir(r["run_dir"]).model_dir)}
+                       for c, r in zip(configs, records)]
+            joint[preset] = {"setting": {"epochs": epochs, "lr": o["lr"], "wd": wd}, "members": members,
+                             "ensembles": self.subset_ensembles([m["model_dir"] for m in members],
+                                                                f"{preset} joint-recipe ensembles")}
             self.save()
 
     def phase_budgets(self) -> None:

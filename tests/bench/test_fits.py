@@ -337,3 +337,31 @@ def test_local_multiplier_interval_carries_both_noises_and_takes_the_first_cross
     assert equal_loss_tokens(budgets, bumpy, 4.35) == pytest.approx(0.5 * 2 ** (0.25 / 0.3), rel=1e-12)
     assert any("first crossing" in f for f in local_data_efficiency(budgets, bumpy, draws, 4.35, 0.5,
                                                                     np.full(400, 4.35)).flags)
+
+
+def _c_above_lowest(curve, n_rep: int = 100, sd: float = 0.01) -> tuple[int, int]:
+    """Of n_rep studies (6 sizes x 5 seeds, normal seed noise sd around `curve`): how many fits put C above the
+    lowest seed mean at all (the rule without noise), and how many the fit flags (beyond 1.96 standard errors)."""
+    rng = np.random.default_rng(7)
+    x = np.repeat(SIZES, 5)
+    above = flagged = 0
+    for _ in range(n_rep):
+        fit = fit_power_law(x, curve(x) + rng.normal(0, sd, len(x)), n_boot=10)
+        above += fit.C > min(fit.y)
+        flagged += any("above the lowest observed loss" in f for f in fit.flags)
+    return above, flagged
+
+
+def test_c_just_below_the_data_is_not_flagged_for_noise():
+    """A true law that has flattened by the largest sizes (C 0.001 below the last point): the fitted C lands above
+    the lowest noisy mean in many studies, which is noise, not misfit; the flag allows 1.96 standard errors."""
+    above, flagged = _c_above_lowest(lambda x: 0.3 / x**3 + 3.3)
+    assert above >= 20, above  # the rule without noise would flag these
+    assert flagged <= 8, flagged
+
+
+def test_negative_control_c_far_above_the_lowest_point_is_still_flagged():
+    """The standard recipe's U (it overfits past the middle size): the law's C sits at the plateau, far above
+    the dip, in every study, seeds or not."""
+    above, flagged = _c_above_lowest(lambda x: 3.3 + 0.05 * np.log(x / np.sqrt(SIZES[0] * SIZES[-1])) ** 2)
+    assert flagged >= 95, flagged

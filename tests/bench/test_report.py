@@ -110,7 +110,7 @@ def test_claims_table_withholds_numbers_from_a_flagged_law_and_calls_reversals_c
     assert "-0.100 nats" in good["(b) ensemble asymptote (K -> inf) below the regularized one"]
     assert good["(c) the joint limit (N, K -> inf) is the lowest"].endswith("| supported |")
     assert good["(f) self-distillation beats its teacher"].endswith("| supported |")
-    assert "no size has both optima certified" in good["(a) tuned wd > 0.1 beats the standard recipe"]
+    assert "no size has a measured gain over a certified standard optimum" in good["(a) tuned wd > 0.1 beats the standard recipe"]
     # the regularized law now has a step no power law follows: (b) and (c) rest on it and are withheld
     bad = _claims(lambda n: 0.1 / n**0.5 + 3.0 + 0.05 * (n >= 2), self_gain=-0.1)
     for claim in ("(b) ensemble asymptote (K -> inf) below the regularized one",
@@ -167,3 +167,31 @@ def test_cpt_report_only_withholds_the_flagged_law_and_quotes_local_multipliers(
         local = answer.split("Interpolated between the measured budgets")[1]
         assert "x [" in local and "at every D (not quoted)" not in local  # quoted with or without a law
         assert json.loads((out / "results.json").read_text())["local_efficiencies"]
+
+
+def _claim_a(standard_certified: bool, regularized_certified: bool, lo: float, hi: float, wd: float = 1.6) -> str:
+    from types import SimpleNamespace
+
+    from bench.science.fits import Interval
+    from bench.science.verdicts import _claim_a
+    from bench.study.analysis import Gain
+
+    search = {"cpu-xs": {"standard": {"certified": standard_certified},
+                         "regularized": {"certified": regularized_certified, "wd": wd}}}
+    a = SimpleNamespace(gains_per_n={"cpu-xs": {"regularization": Gain((lo + hi) / 2, Interval(lo, hi, 100, 100))}})
+    return _claim_a(search, a, ["cpu-xs"])[-1]
+
+
+@pytest.mark.fast
+def test_claim_a_needs_a_certified_baseline_and_reads_an_uncertified_new_recipe_as_a_lower_bound():
+    # both optima certified: the interval decides, either way
+    assert _claim_a(True, True, 0.1, 0.3) == "supported"
+    assert _claim_a(True, True, -0.3, -0.1).startswith("contradicted")
+    # the regularized optimum not certified: a better one could only widen a gain, so a gain above 0 supports ...
+    assert _claim_a(True, False, 0.1, 0.3).startswith("supported (a lower bound")
+    # ... but a gain whose interval reaches 0 (or a reversal) decides nothing: the regularized side may improve
+    for lo, hi in ((-0.05, 0.1), (-0.3, -0.1)):
+        assert _claim_a(True, False, lo, hi).startswith("cannot be resolved at this scale: the regularized optimum")
+    # control: the same gain over an uncertified standard optimum is no evidence (a better baseline may exist)
+    assert _claim_a(False, True, 0.1, 0.3).startswith("cannot be resolved at this scale: no size has a measured gain")
+    assert _claim_a(True, True, 0.1, 0.3, wd=0.1).startswith("contradicted: the tuned wd is not above 0.1")

@@ -334,3 +334,84 @@ def test_the_limits_section_lists_every_caveat_and_only_those(tmp_path):
     text = "".join(limits_section(results, analyze(results, n_boot=50)))
     assert "Optima not certified" in text and "cpu-xs standard (at the limit of the epochs grid)" in text
     assert "## What this scale cannot answer" in write_report(results, tmp_path, 50).read_text()
+
+
+# ---- the joint phase: members trained for the ensemble ------------------------------------------------
+
+def with_joint(results: dict, rng, shift: float, member_cost: float = 0.03, presets=("cpu-xs", "cpu-s")) -> dict:
+    """known_results plus a joint phase at `presets`: its members are each `member_cost` worse than the optimum's
+    and their K-limit `shift` lower (the paper: worse alone, better together)."""
+    k_max = results["profile"]["members"]["k_max"]
+    results["profile"] = {**results["profile"], "joint": {"joint_presets": list(presets)},
+                          "members": {**results["profile"]["members"], "joint_members": False}}
+    results["joint"] = {}
+    for p in presets:
+        singles = np.mean([e["loss"] for e in results["ensembles"][p] if e["k"] == 1])
+        c_n = results["ensembles"][p][-1]["loss"] - (singles - results["ensembles"][p][-1]["loss"]) / (k_max - 1)
+        one, limit = singles + member_cost, c_n - shift
+        alpha = rng.normal(0, 0.01, k_max)
+        ensembles = [{"k": k, "seeds": list(s), "loss": float(law(k, one - limit, 1.0, limit) + alpha[list(s)].mean()
+                                                               + rng.normal(0, 0.002))}
+                     for k in range(1, k_max + 1) for s in itertools.combinations(range(k_max), k)]
+        results["joint"][p] = {"setting": {"epochs": 32, "lr": 3e-3, "wd": 0.8}, "ensembles": ensembles,
+                               "members": [{"seed": e["seeds"][0], "val_loss": e["loss"], "model_dir": "m"}
+                                           for e in ensembles if e["k"] == 1]}
+    return results
+
+
+def _joint_claim(results) -> str:
+    from bench.science.verdicts import claim_rows
+
+    return next(r for r in claim_rows(results, analyze(results, n_boot=100)) if r[0].startswith("(b')"))[-1]
+
+
+def test_joint_recipe_members_are_judged_against_the_optimum_members_at_the_same_size(tmp_path):
+    results = with_joint(known_results(np.random.default_rng(3)), np.random.default_rng(4), shift=0.05)
+    a = analyze(results, n_boot=100)
+    assert set(a.joint_gains) == set(a.per_k_joint) == {"cpu-xs", "cpu-s"}
+    g = a.joint_gains["cpu-s"]
+    assert g["ensemble"].interval.lo > 0 and g["member"].interval.hi < 0  # better together, worse alone
+    assert _joint_claim(results) == "supported"
+    report = write_report(results, tmp_path, 100).read_text()
+    assert "## Members trained for the ensemble (the joint recipe)" in report
+    assert "joint-recipe members over K at cpu-s" in report and "- Status: complete" in report
+    # negative control: joint members whose ensemble is worse than the optimum's contradict the claim
+    worse = with_joint(known_results(np.random.default_rng(3)), np.random.default_rng(4), shift=-0.05)
+    assert _joint_claim(worse).startswith("contradicted")
+
+
+@pytest.mark.fast
+def test_a_resumed_study_may_gain_a_phase_it_has_not_run_but_not_change_one_it_has(tmp_path):
+    from bench.study.job import Study, StudyConfig
+    from bench.study.profile import StudyError, StudyProfile
+
+    before = load_profile("main")
+    record = before.recorded()
+    grown = StudyProfile.model_validate({**record, "joint": {"joint_presets": [before.runs.presets[-1]]}})
+
+    def resume(profile: StudyProfile, done: list[str]) -> None:
+        (tmp_path / "results.json").write_text(json.dumps({"profile": record, "phases_done": done}))
+        Study(StudyConfig(profile, str(tmp_path)))
+
+    finished = [ph for ph in PHASES if ph != "joint"]  # a study finished before the joint phase existed
+    resume(grown, finished)  # gains the phase: accepted
+    with pytest.raises(StudyError, match=r"differs in: joint\.joint_presets"):
+        resume(grown, list(PHASES))  # control: the same change once the joint phase has run
+    changed = StudyProfile.model_validate({**record, "members": {**record["members"], "k_max": record["members"]["k_max"] + 1}})
+    with pytest.raises(StudyError, match=r"differs in: members\.k_max"):
+        resume(changed, finished)  # control: a phase that ran cannot change
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("joint, members, message", [
+    (["cpu-l"], {}, "'joint.joint_presets' must be among presets"),
+    (None, {"joint_members": True}, "'joint.joint_presets' cannot go with members.joint_members"),
+])
+def test_joint_presets_are_checked_against_the_ladder_and_the_members(joint, members, message):
+    from bench.study.profile import StudyError, validate_profile
+
+    record = load_profile("main").recorded()
+    joint = joint or [record["runs"]["presets"][-1]]
+    with pytest.raises(StudyError, match=re.escape(message)):
+        validate_profile({**record, "joint": {"joint_presets": joint}, "members": {**record["members"], **members}},
+                         "test")
