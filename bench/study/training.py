@@ -263,6 +263,8 @@ class TrainingPhases:
         N, whether members trained for an ensemble make a better one (the paper: K -> inf 3.27 vs 3.34 at 300M)."""
         from train.members import joint_recipe
 
+        if not self.p.joint.joint_presets:
+            return
         joint, tokens = self.results.setdefault("joint", {}), self.p.runs.tokens
         for preset in self.p.joint.joint_presets:
             o = self.results["search"][preset]["regularized"]
