@@ -212,19 +212,22 @@ def claim_rows(results: dict, a) -> list[list]:
         rows.append(["(d) joint multiplier the largest", "5.17x joint vs 2.29x regularized", ours, verdict])
 
     g = a.gains
-    if "kept" in g:
-        k, over = g["kept"], g.get("ensemble_over_best")
-        ours = (f"{percent(k.value)} (95% interval {percent(k.interval.lo)} to {percent(k.interval.hi)}) of "
-                f"the ensemble's gain over the best single model of its size" if k.interval.defined else percent(k.value))
-        if over is None or not over.interval.lo > 0:
-            verdict = ("cannot be resolved at this scale: the ensemble does not beat the best single model of the "
-                       f"student's size ({gain_text(over) if over else 'n/a'})")
-        else:
-            verdict = _sign_verdict(k.interval, threshold=0.5)
-        rows.append(["(e) the student keeps most (> 50%) of the ensemble's gain", "83%", ours, verdict])
-    if "self" in g:
-        rows.append(["(f) self-distillation beats its teacher", "3.43, below its teacher",
-                     f"teacher - student {gain_text(g['self'])}", _sign_verdict(g["self"].interval)])
+    for kept, who in (("kept", "the student"), ("soft_kept", "the soft-label student")):
+        if kept in g:
+            k, over = g[kept], g.get("ensemble_over_best")
+            ours = (f"{percent(k.value)} (95% interval {percent(k.interval.lo)} to {percent(k.interval.hi)}) of "
+                    f"the ensemble's gain over the best single model of its size" if k.interval.defined
+                    else percent(k.value))
+            if over is None or not over.interval.lo > 0:
+                verdict = ("cannot be resolved at this scale: the ensemble does not beat the best single model of the "
+                           f"student's size ({gain_text(over) if over else 'n/a'})")
+            else:
+                verdict = _sign_verdict(k.interval, threshold=0.5)
+            rows.append([f"(e) {who} keeps most (> 50%) of the ensemble's gain", "83%", ours, verdict])
+    for self_gain, who in (("self", "self-distillation"), ("soft_self", "soft-label self-distillation")):
+        if self_gain in g:
+            rows.append([f"(f) {who} beats its teacher", "3.43, below its teacher",
+                         f"teacher - student {gain_text(g[self_gain])}", _sign_verdict(g[self_gain].interval)])
     down = _downstream_gain(results)
     if down is not None:
         text, interval = down

@@ -172,7 +172,8 @@ def story_gains(table, k_max: int, top_x: float, distill_x: float | None, n_boot
                                           Interval.from_draws(seed_mean_draws(control, n_boot, rng, (students,))
                                                               - ds),
                                           "real-data-only control - student, same steps")
-        gains.update(soft_gains(singles, distill_x, mk, dk, k_max, n_boot, rng))
+        for name, gain in soft_gains(singles, distill_x, mk, dk, k_max, n_boot, rng).items():
+            gains.setdefault(name, gain)  # ensemble_over_best: the sequence-level students' draws where they exist
         selfs = singles("student:self", distill_x)
         if len(selfs) > 1:
             teachers = singles("regularized", distill_x)[: len(selfs)]  # teacher i is the optimum's seed i
@@ -207,6 +208,8 @@ def soft_gains(singles, x: float, mk: float, dk: np.ndarray, k_max: int, n_boot:
         b, db = float(np.mean(best)), seed_mean_draws(best, n_boot, rng, (softs,))
         gains["soft_student"] = Gain(b - sv, Interval.from_draws(db - ds),
                                      f"best single (regularized seeds' mean) - {len(softs)} soft-label students")
+        gains["ensemble_over_best"] = Gain(b - mk, Interval.from_draws(db - dk),
+                                           f"best single (regularized seeds' mean) - K={k_max} ensemble")
         gains["soft_kept"] = kept_share(b, db, sv, ds, mk, dk, "soft-label student")
         gains["soft_vs_ensemble"] = Gain(mk - sv, Interval.from_draws(dk - ds),
                                          f"K={k_max} ensemble - soft-label students")

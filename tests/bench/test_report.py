@@ -195,3 +195,30 @@ def test_claim_a_needs_a_certified_baseline_and_reads_an_uncertified_new_recipe_
     # control: the same gain over an uncertified standard optimum is no evidence (a better baseline may exist)
     assert _claim_a(False, True, 0.1, 0.3).startswith("cannot be resolved at this scale: no size has a measured gain")
     assert _claim_a(True, True, 0.1, 0.3, wd=0.1).startswith("contradicted: the tuned wd is not above 0.1")
+
+
+def _student_claims(gains: dict) -> dict:
+    from types import SimpleNamespace
+
+    from bench.science.fits import Interval
+    from bench.science.verdicts import claim_rows
+    from bench.study.analysis import Gain
+    from bench.study.profile import load_profile
+
+    a = SimpleNamespace(size_laws={}, per_k={}, joint=None, efficiencies={}, local_efficiencies={}, data_law=None,
+                        gains_per_n={}, gains={k: Gain(v, Interval(v - 0.05, v + 0.05, 100, 100)) for k, v in gains.items()})
+    results = {"profile": load_profile("main").recorded(), "members": {"cpu-xs": {}},
+               "search": {"cpu-xs": {"standard": {"certified": False}, "regularized": {"certified": False}}}}
+    return {r[0]: r[-1] for r in claim_rows(results, a)}
+
+
+@pytest.mark.fast
+def test_soft_label_students_answer_claims_e_and_f_when_they_are_the_students_there_are():
+    rows = _student_claims({"soft_kept": 0.7, "ensemble_over_best": 0.1, "soft_self": -0.2})
+    assert rows["(e) the soft-label student keeps most (> 50%) of the ensemble's gain"] == "supported"
+    assert rows["(f) soft-label self-distillation beats its teacher"].startswith("contradicted")
+    assert not any(claim.startswith("(e) the student") for claim in rows)  # no sequence-level student: no row
+    # control: an ensemble that does not beat the best single model leaves no gain to keep
+    rows = _student_claims({"soft_kept": 0.7, "ensemble_over_best": 0.02})
+    assert rows["(e) the soft-label student keeps most (> 50%) of the ensemble's gain"].startswith(
+        "cannot be resolved at this scale: the ensemble does not beat")
