@@ -473,6 +473,7 @@ def render_report(results: dict, a, out: Path, phases: Sequence[str]) -> str:
     parts += serve_section(results)
     secs = results.get("seconds", {})
     if secs:
-        parts += ["## Time\n", " | ".join(f"{k} {v:.0f} s" for k, v in secs.items())
+        parts += ["## Time\n", "Wall time of the invocation that finished each phase (a phase killed and resumed counts "
+                  "only its last part).\n", " | ".join(f"{k} {v:.0f} s" for k, v in secs.items())
                   + f" | total {sum(secs.values()):.0f} s\n"]
     return "\n".join(parts)
