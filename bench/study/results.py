@@ -2,7 +2,8 @@
 
 The analysis reads attributes of this view, not nested strings of the JSON: per model size its parameters, the
 members' seed losses of both recipes and the ensemble subsets; the joint-recipe members and their ensembles; per
-data-law budget each recipe's seed losses; the distilled students and controls. Only what the analysis reads is kept; the report still renders the JSON.
+data-law budget each recipe's seed losses; the distilled students and controls. Only what the analysis reads is
+kept; the report still renders the JSON.
 """
 from __future__ import annotations
 

@@ -111,10 +111,10 @@ class TrainingPhases:
         o = self.results["search"][preset]["standard" if standard else "regularized"]
         return o["epochs"], o["lr"], o["wd"]
 
-    def seeds_at(self, preset: str, tokens: int, o: dict, n: int) -> list[dict]:
+    def seeds_at(self, preset: str, tokens: int, o: dict, n: int, desc: str = "seeds") -> list[dict]:
         configs = [self.at(preset, tokens, o["epochs"], o["lr"], o["wd"], s) for s in range(n)]
         return [{"seed": c.seed, "val_loss": r["val_loss"], "model_dir": str(RunDir(r["run_dir"]).model_dir)}
-                for c, r in zip(configs, self.train(configs, self.ledger_dir(preset, tokens), "seeds"))]
+                for c, r in zip(configs, self.train(configs, self.ledger_dir(preset, tokens), desc))]
 
     def ensemble_setting(self, preset: str) -> dict:
         from train.members import joint_recipe
@@ -269,11 +269,9 @@ class TrainingPhases:
         for preset in self.p.joint.joint_presets:
             o = self.results["search"][preset]["regularized"]
             epochs, wd = joint_recipe(o["epochs"], o["wd"])
-            configs = [self.at(preset, tokens, epochs, o["lr"], wd, seed) for seed in range(self.p.members.k_max)]
-            records = self.train(configs, self.ledger_dir(preset, tokens), f"{preset} joint-recipe members")
-            members = [{"seed": c.seed, "val_loss": r["val_loss"], "model_dir": str(RunDir(r["run_dir"]).model_dir)}
-                       for c, r in zip(configs, records)]
-            joint[preset] = {"setting": {"epochs": epochs, "lr": o["lr"], "wd": wd}, "members": members,
+            setting = {"epochs": epochs, "lr": o["lr"], "wd": wd}
+            members = self.seeds_at(preset, tokens, setting, self.p.members.k_max, f"{preset} joint-recipe members")
+            joint[preset] = {"setting": setting, "members": members,
                              "ensembles": self.subset_ensembles([m["model_dir"] for m in members],
                                                                 f"{preset} joint-recipe ensembles")}
             self.save()
